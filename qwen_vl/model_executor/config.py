@@ -1,0 +1,74 @@
+"""Configuration of Qwen-VL / Qwen-VL-Chat, readable without the checkpoint's remote code.
+
+The published config.json names `model_type: "qwen"` and points `auto_map` at
+`configuration_qwen.QWenConfig` (remote code). Registering this class under "qwen" lets
+transformers and vLLM load that file with `trust_remote_code=False`: both consult the
+registered model type before they would consider the remote code.
+"""
+
+from dataclasses import field
+
+import transformers
+
+
+def _real_visual() -> dict:
+    return {
+        "heads": 16,
+        "image_size": 448,
+        "image_start_id": 151857,
+        "layers": 48,
+        "mlp_ratio": 4.9231,
+        "output_dim": 4096,
+        "patch_size": 14,
+        "width": 1664,
+    }
+
+
+class QWenConfig(transformers.PretrainedConfig):
+    """Every key of the real config.json, defaulting to the real checkpoint's values.
+
+    `visual` stays a plain dict (as in config.json) because the model reads it by key.
+    """
+
+    model_type = "qwen"
+    # The standard names vLLM looks up first (it warns when it falls back to the Qwen ones).
+    attribute_map = {"rope_theta": "rotary_emb_base", "partial_rotary_factor": "rotary_pct"}
+
+    vocab_size: int = 151936
+    hidden_size: int = 4096
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    kv_channels: int = 128
+    intermediate_size: int = 22016
+    layer_norm_epsilon: float = 1e-6
+    initializer_range: float = 0.02
+    # Rotary and logn scaling are defined relative to the training length (seq_length);
+    # max_position_embeddings is what dynamic NTK lets the model reach.
+    seq_length: int = 2048
+    max_position_embeddings: int = 8192
+    rotary_emb_base: int | float = 10000
+    rotary_pct: float = 1.0
+    use_dynamic_ntk: bool = True
+    use_logn_attn: bool = True
+    no_bias: bool = True
+    scale_attn_weights: bool = True
+    attn_dropout_prob: float = 0.0
+    emb_dropout_prob: float = 0.0
+    use_cache: bool = True
+    use_flash_attn: bool | str = False
+    bf16: bool = False
+    fp16: bool = False
+    fp32: bool = False
+    onnx_safe: bool | None = None
+    tie_word_embeddings: bool = False
+    tokenizer_type: str = "QWenTokenizer"
+    visual: dict = field(default_factory=_real_visual)
+
+
+def register_config() -> None:
+    """Make `AutoConfig` (and so vLLM's config loader) map model_type "qwen" to QWenConfig.
+
+    Idempotent. vLLM spawns several processes, so this must run in each of them (the plugin
+    entry point does); registering only in the parent leaves children to a failing retry loop.
+    """
+    transformers.AutoConfig.register(QWenConfig.model_type, QWenConfig, exist_ok=True)

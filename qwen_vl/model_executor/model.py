@@ -1,0 +1,309 @@
+"""Qwen-VL / Qwen-VL-Chat on vLLM: the Qwen-7B decoder on vLLM's paged KV
+cache, with the visual encoder and adapter (`visual.py`) as the multimodal
+encoder stage that vLLM runs at prefill and caches per image.
+
+The module tree mirrors the checkpoint (`transformer.wte`, `transformer.h.N`,
+`transformer.ln_f`, `transformer.visual`, `lm_head`); `load_weights` owns the
+only renames: `mlp.w2` and `mlp.w1` are stacked into one column-parallel
+layer.
+"""
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import CacheConfig, VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.logger import init_logger
+from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.quantization import QuantizationConfig
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
+from vllm.model_executor.models.utils import _merge_multimodal_embeddings, maybe_prefix
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.sequence import IntermediateTensors
+
+from .config import QWenConfig
+from .processor import QwenVLDummyInputsBuilder, QwenVLMultiModalProcessor, QwenVLProcessingInfo
+from .visual import VisionTransformer
+
+logger = init_logger(__name__)
+
+# checkpoint name -> (our parameter name, shard of the stacked parameter).
+# SiluAndMul applies SiLU to the first half: that is `w2` in Qwen.
+STACKED_PARAMS = {
+    ".mlp.w2.": (".mlp.gate_up_proj.", 0),
+    ".mlp.w1.": (".mlp.gate_up_proj.", 1),
+}
+
+
+def logn_scale_table(seq_length: int, max_positions: int) -> torch.Tensor:
+    """Qwen's `use_logn_attn`: a query at position p >= seq_length is scaled
+    by log(p + 1) / log(seq_length), which keeps attention entropy steady past
+    the training length."""
+    positions = torch.arange(max_positions, dtype=torch.float64)
+    scale = torch.log(positions + 1) / math.log(seq_length)
+    return torch.where(positions >= seq_length, scale, torch.ones_like(scale)).float()
+
+
+class QWenAttention(nn.Module):
+    def __init__(
+        self,
+        config: QWenConfig,
+        max_positions: int,
+        cache_config: CacheConfig | None,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
+    ):
+        super().__init__()
+        tp = get_tensor_model_parallel_world_size()
+        total_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // total_heads
+        self.num_heads = total_heads // tp
+        self.c_attn = QKVParallelLinear(
+            config.hidden_size, self.head_dim, total_heads, bias=True,
+            quant_config=quant_config, prefix=f"{prefix}.c_attn",
+        )
+        self.c_proj = RowParallelLinear(
+            total_heads * self.head_dim, config.hidden_size, bias=False,
+            quant_config=quant_config, prefix=f"{prefix}.c_proj",
+        )
+        # Rotary over the full head dim (rotary_pct 1.0), rotate-half style.
+        self.rotary_emb = get_rope(
+            self.head_dim,
+            max_position=max_positions,
+            is_neox_style=True,
+            rope_parameters={"rope_theta": config.rotary_emb_base},
+        )
+        self.use_logn_attn = config.use_logn_attn
+        if self.use_logn_attn:
+            self.register_buffer(
+                "logn_scale", logn_scale_table(config.seq_length, max_positions), persistent=False
+            )
+        self.attn = Attention(
+            self.num_heads, self.head_dim, self.head_dim**-0.5,
+            cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.attn",
+        )
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.c_attn(hidden_states)
+        q, k, v = qkv.chunk(3, dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        if self.use_logn_attn:
+            # After rotary, as the original does.
+            q = q * self.logn_scale[positions].unsqueeze(-1).to(q.dtype)
+        out = self.attn(q, k, v)
+        out, _ = self.c_proj(out)
+        return out
+
+
+class QWenMLP(nn.Module):
+    """c_proj(w1(x) * silu(w2(x)))."""
+
+    def __init__(self, config: QWenConfig, quant_config: QuantizationConfig | None, prefix: str):
+        super().__init__()
+        width = config.intermediate_size // 2
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [width, width], bias=False,
+            quant_config=quant_config, prefix=f"{prefix}.gate_up_proj",
+        )
+        self.c_proj = RowParallelLinear(
+            width, config.hidden_size, bias=False, quant_config=quant_config, prefix=f"{prefix}.c_proj"
+        )
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self.gate_up_proj(x)
+        x, _ = self.c_proj(self.act(x))
+        return x
+
+
+class QWenBlock(nn.Module):
+    def __init__(
+        self,
+        config: QWenConfig,
+        max_positions: int,
+        cache_config: CacheConfig | None,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
+    ):
+        super().__init__()
+        self.ln_1 = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.attn = QWenAttention(config, max_positions, cache_config, quant_config, f"{prefix}.attn")
+        self.ln_2 = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mlp = QWenMLP(config, quant_config, f"{prefix}.mlp")
+
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.ln_1(hidden_states)
+        else:
+            hidden_states, residual = self.ln_1(hidden_states, residual)
+        hidden_states = self.attn(positions, hidden_states)
+        hidden_states, residual = self.ln_2(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+@support_torch_compile
+class QWenModel(nn.Module):
+    """The checkpoint's `transformer`: embeddings, blocks, final norm, and the
+    visual tower (which vLLM runs separately, through `embed_multimodal`)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config: QWenConfig = vllm_config.model_config.hf_config
+        quant_config = vllm_config.quant_config
+        cache_config = vllm_config.cache_config
+        max_positions = max(config.max_position_embeddings, vllm_config.model_config.max_model_len)
+
+        self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size, prefix=f"{prefix}.wte")
+        self.h = nn.ModuleList(
+            QWenBlock(config, max_positions, cache_config, quant_config, f"{prefix}.h.{i}")
+            for i in range(config.num_hidden_layers)
+        )
+        self.ln_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.visual = VisionTransformer(config.visual, prefix=f"{prefix}.visual")
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.wte(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        hidden_states = inputs_embeds if inputs_embeds is not None else self.wte(input_ids)
+        residual = None
+        for block in self.h:
+            hidden_states, residual = block(positions, hidden_states, residual)
+        hidden_states, _ = self.ln_f(hidden_states, residual)
+        return hidden_states
+
+
+def warn_beyond_seq_length(config: QWenConfig, max_model_len: int) -> None:
+    if config.use_dynamic_ntk and max_model_len > config.seq_length:
+        logger.warning(
+            "Qwen-VL: dynamic NTK rotary scaling (use_dynamic_ntk) is not implemented. "
+            "For prompts longer than seq_length=%d tokens the original raises the rotary "
+            "base with the prompt length; this server keeps base %s, so outputs of such "
+            "prompts differ from the original (max_model_len=%d). Prompts up to %d tokens "
+            "are exact. Pass --max-model-len %d to refuse longer prompts.",
+            config.seq_length, config.rotary_emb_base, max_model_len,
+            config.seq_length, config.seq_length,
+        )
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    QwenVLMultiModalProcessor, info=QwenVLProcessingInfo, dummy_inputs=QwenVLDummyInputsBuilder
+)
+class QWenLMHeadModel(nn.Module, SupportsMultiModal):
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        if modality.startswith("image"):
+            return f"Picture {i}: <img></img>\n"
+        raise ValueError("Qwen-VL takes images only")
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config: QWenConfig = vllm_config.model_config.hf_config
+        self.config = config
+        self.transformer = QWenModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "transformer"))
+        self.lm_head = ParallelLMHead(
+            config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config, prefix=maybe_prefix(prefix, "lm_head")
+        )
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+        warn_beyond_seq_length(config, vllm_config.model_config.max_model_len)
+
+    def get_language_model(self) -> nn.Module:
+        return self.transformer
+
+    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
+        pixel_values = kwargs.get("pixel_values")
+        if pixel_values is None:
+            return []
+        if isinstance(pixel_values, (list, tuple)):
+            pixel_values = torch.stack(list(pixel_values))
+        # One call encodes every image scheduled in this step, across requests.
+        return self.transformer.visual(pixel_values)
+
+    def embed_input_ids(
+        self,
+        input_ids: torch.Tensor,
+        multimodal_embeddings: MultiModalEmbeddings | None = None,
+        *,
+        is_multimodal: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        embeds = self.transformer.wte(input_ids)
+        if multimodal_embeddings is None or len(multimodal_embeddings) == 0:
+            return embeds
+        return _merge_multimodal_embeddings(embeds, multimodal_embeddings, is_multimodal)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor:
+        return self.transformer(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load every tensor of the real checkpoint by its own name; an unknown
+        or missing tensor fails here, naming the checkpoint's tensor."""
+        params = dict(self.named_parameters())
+        expected = {checkpoint_name(name, shard) for name in params for shard in stacked_shards(name)}
+        seen: set[str] = set()
+        for name, tensor in weights:
+            target, shard = name, None
+            for ckpt_part, (param_part, shard_id) in STACKED_PARAMS.items():
+                if ckpt_part in name:
+                    target, shard = name.replace(ckpt_part, param_part), shard_id
+                    break
+            param = params.get(target)
+            if param is None:
+                raise ValueError(f"unexpected tensor in the checkpoint: {name}")
+            weight_loader = getattr(param, "weight_loader", default_weight_loader)
+            if shard is None:
+                weight_loader(param, tensor)
+            else:
+                weight_loader(param, tensor, shard)
+            seen.add(name)
+        missing = expected - seen
+        if missing:
+            raise ValueError(f"tensors missing from the checkpoint: {', '.join(sorted(missing))}")
+        return set(params)
+
+
+def stacked_shards(param_name: str) -> list[int | None]:
+    """The shards a parameter is loaded from: [None] unless it is stacked."""
+    shards = [shard for part, shard in STACKED_PARAMS.values() if part in param_name]
+    return shards or [None]
+
+
+def checkpoint_name(param_name: str, shard: int | None) -> str:
+    """Our parameter name (and shard) -> the checkpoint's tensor name."""
+    for ckpt_part, (param_part, shard_id) in STACKED_PARAMS.items():
+        if shard == shard_id and param_part in param_name:
+            return param_name.replace(param_part, ckpt_part)
+    return param_name

@@ -1,0 +1,158 @@
+"""Turns a Qwen-VL prompt and its images into what the model consumes.
+
+Images: `convert("RGB")` (alpha dropped, as the original does), PIL bicubic
+resize to 448x448 (aspect ratio not kept, no crop), CLIP mean/std.
+
+Prompt: every `<img>...</img>` span, empty or holding a path or URL as users
+of the original write it, becomes `<img>` + 256 `<imgpad>` + `</img>`: the
+original's 258 positions per image, the visual embeddings on the 256 pads.
+"""
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import BatchFeature
+
+from vllm.config.multimodal import MultiModalDummyOptions
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems, MultiModalDataParser
+from vllm.multimodal.processing import (
+    BaseDummyInputsBuilder,
+    BaseMultiModalProcessor,
+    BaseProcessingInfo,
+    PromptReplacement,
+    PromptUpdate,
+    PromptUpdateDetails,
+)
+
+from .tokenizer import IMAGE_TOKENS_PER_IMAGE, IMG_END_ID, IMG_PAD_ID, IMG_START_ID
+
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageCountMismatch(ValueError):
+    """The prompt's `<img>...</img>` spans and the images given disagree."""
+
+
+def preprocess_image(image: Image.Image, size: int) -> torch.Tensor:
+    """One image -> float32 [3, size, size], exactly as the original.
+
+    PIL's bicubic resize, not torch's: the two differ by up to 0.03 after
+    normalisation, enough to change the logits."""
+    image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+    pixels = (pixels - torch.tensor(IMAGE_MEAN)) / torch.tensor(IMAGE_STD)
+    return pixels.permute(2, 0, 1).contiguous()
+
+
+def image_spans(token_ids: Sequence[int]) -> list[tuple[int, int]]:
+    """(start, end) indices of each complete `<img>...</img>` span. An `<img>`
+    followed by another `<img>` before any `</img>` is unterminated: text."""
+    spans, start = [], None
+    for i, token in enumerate(token_ids):
+        if token == IMG_START_ID:
+            start = i
+        elif token == IMG_END_ID and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+def empty_image_spans(token_ids: list[int]) -> list[int]:
+    """Drop whatever each `<img>...</img>` span holds (a path, a URL, or
+    already the 256 pads), leaving `<img></img>` for the prompt update."""
+    out: list[int] = []
+    prev = 0
+    for start, end in image_spans(token_ids):
+        out += token_ids[prev : start + 1]
+        prev = end
+    return out + token_ids[prev:]
+
+
+class QwenVLDataParser(MultiModalDataParser):
+    """vLLM's parser composites transparent images onto white and applies EXIF
+    rotation; the original does neither (`Image.open(...).convert("RGB")`)."""
+
+    def _parse_image_data(self, data):
+        if isinstance(data, Image.Image):
+            return ImageProcessorItems([data.convert("RGB")])
+        if isinstance(data, (list, tuple)) and data and all(isinstance(d, Image.Image) for d in data):
+            return ImageProcessorItems([d.convert("RGB") for d in data])
+        return super()._parse_image_data(data)
+
+
+class QwenVLProcessingInfo(BaseProcessingInfo):
+    def get_hf_processor(self, **kwargs: object):
+        # Preprocessing is ours (`preprocess_image`); no HF processor exists.
+        return None
+
+    def get_data_parser(self) -> MultiModalDataParser:
+        return QwenVLDataParser(expected_hidden_size=self._get_expected_hidden_size())
+
+    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
+        return {"image": None}
+
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
+        return {"image": IMAGE_TOKENS_PER_IMAGE}
+
+    @property
+    def image_size(self) -> int:
+        return self.get_hf_config().visual["image_size"]
+
+
+class QwenVLDummyInputsBuilder(BaseDummyInputsBuilder[QwenVLProcessingInfo]):
+    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
+        return "<img></img>" * mm_counts.get("image", 0)
+
+    def get_dummy_mm_data(
+        self,
+        seq_len: int,
+        mm_counts: Mapping[str, int],
+        mm_options: Mapping[str, MultiModalDummyOptions] | None = None,
+    ):
+        size = self.info.image_size
+        return {"image": self._get_dummy_images(width=size, height=size, num_images=mm_counts.get("image", 0))}
+
+
+class QwenVLMultiModalProcessor(BaseMultiModalProcessor[QwenVLProcessingInfo]):
+    def apply(self, inputs, timing_ctx):
+        # vLLM would fail a count mismatch with a bare AssertionError deep in
+        # prompt matching; say what is wrong instead.
+        spans = len(image_spans(inputs.prompt))
+        images = inputs.mm_data_items.get_all_counts().get("image", 0)
+        if spans != images:
+            raise ImageCountMismatch(
+                f"the prompt has {spans} <img>...</img> span(s) but {images} image(s) "
+                "were given: each image needs exactly one span, in order"
+            )
+        return super().apply(inputs, timing_ctx)
+
+    def _postprocess_prompt(self, prompt: list[int]) -> list[int]:
+        return empty_image_spans(prompt)
+
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        size = self.info.image_size
+        images = hf_data["images"]
+        pixel_values = torch.stack([preprocess_image(image, size) for image in images])
+        return BatchFeature({"pixel_values": pixel_values})
+
+    def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]):
+        return {"pixel_values": MultiModalFieldConfig.batched("image")}
+
+    def _get_prompt_updates(
+        self,
+        mm_items: MultiModalDataItems,
+        hf_processor_mm_kwargs: Mapping[str, object],
+        out_mm_kwargs: MultiModalKwargsItems,
+    ) -> Sequence[PromptUpdate]:
+        span = [IMG_START_ID] + [IMG_PAD_ID] * IMAGE_TOKENS_PER_IMAGE + [IMG_END_ID]
+        return [
+            PromptReplacement(
+                modality="image",
+                target=[IMG_START_ID, IMG_END_ID],
+                replacement=PromptUpdateDetails.select_token_id(span, IMG_PAD_ID),
+            )
+        ]

@@ -1,0 +1,166 @@
+"""Qwen-VL's visual side: a ViT (patch stride 14 on 448x448 input) and the
+position-aware adapter that turns its 1024 patch features into 256 embeddings
+of the decoder's width.
+
+The module tree mirrors the checkpoint (`transformer.visual.*`), so the weight
+map is the identity below this prefix. The ViT's linear layers are vLLM's
+tensor-parallel ones; the adapter is one small cross-attention layer and stays
+replicated on every rank.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+
+# Every LayerNorm of the original visual tower uses this epsilon.
+LAYER_NORM_EPS = 1e-6
+NUM_QUERIES = 256
+
+
+def resize_positions(table: torch.Tensor, num_positions: int) -> torch.Tensor:
+    """Resize a square table of absolute positions (N, C) to `num_positions`
+    entries, bicubically in float32 as the original does: the result differs
+    from a float16/bfloat16 interpolation and it changes the features."""
+    src = int(math.isqrt(table.shape[0]))
+    tgt = int(math.isqrt(num_positions))
+    if src == tgt:
+        return table
+    grid = table.float().reshape(1, src, src, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(tgt, tgt), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).flatten(0, 2).to(table.dtype)
+
+
+class VisualAttention(nn.Module):
+    """Self-attention of a ViT block. The fused `in_proj` output is laid out per
+    head as (q, k, v) for each head, not as [Q; K; V]; a column-parallel split
+    of it therefore hands each rank whole heads."""
+
+    def __init__(self, width: int, heads: int, prefix: str = ""):
+        super().__init__()
+        tp = get_tensor_model_parallel_world_size()
+        self.heads = heads // tp
+        self.head_dim = width // heads
+        self.in_proj = ColumnParallelLinear(width, 3 * width, bias=True, prefix=f"{prefix}.in_proj")
+        self.out_proj = RowParallelLinear(width, width, bias=True, prefix=f"{prefix}.out_proj")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        qkv, _ = self.in_proj(x)
+        qkv = qkv.view(batch, seq, self.heads, 3 * self.head_dim).transpose(1, 2)
+        q, k, v = qkv.chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim)
+        out, _ = self.out_proj(out)
+        return out
+
+
+class VisualMLP(nn.Module):
+    def __init__(self, width: int, mlp_width: int, prefix: str = ""):
+        super().__init__()
+        self.c_fc = ColumnParallelLinear(width, mlp_width, bias=True, prefix=f"{prefix}.c_fc")
+        self.c_proj = RowParallelLinear(mlp_width, width, bias=True, prefix=f"{prefix}.c_proj")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self.c_fc(x)
+        # The original uses the exact (erf) GELU, not the tanh approximation.
+        x = F.gelu(x)
+        x, _ = self.c_proj(x)
+        return x
+
+
+class VisualBlock(nn.Module):
+    """Pre-LN transformer block."""
+
+    def __init__(self, width: int, heads: int, mlp_width: int, prefix: str = ""):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
+        self.attn = VisualAttention(width, heads, prefix=f"{prefix}.attn")
+        self.ln_2 = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
+        self.mlp = VisualMLP(width, mlp_width, prefix=f"{prefix}.mlp")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class VisualTransformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, mlp_width: int, prefix: str = ""):
+        super().__init__()
+        self.resblocks = nn.ModuleList(
+            VisualBlock(width, heads, mlp_width, prefix=f"{prefix}.resblocks.{i}")
+            for i in range(layers)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x)
+        return x
+
+
+class Adapter(nn.Module):
+    """The position-aware vision-language adapter (the checkpoint's
+    `attn_pool`): 256 learned queries attend once over the ViT features.
+    Queries and keys carry 2D sin-cos absolute positions (`pos_embed`, stored
+    in the checkpoint for a 16x16 grid and resized to the 32x32 patch grid for
+    the keys); values carry none."""
+
+    def __init__(self, output_dim: int, kv_dim: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.empty(NUM_QUERIES, output_dim))
+        self.pos_embed = nn.Parameter(torch.empty(NUM_QUERIES, output_dim), requires_grad=False)
+        self.kv_proj = nn.Linear(kv_dim, output_dim, bias=False)
+        # nn.MultiheadAttention reads a blocked [Q; K; V] `in_proj_weight`,
+        # which is exactly how the original's adapter stores it.
+        self.attn = nn.MultiheadAttention(output_dim, output_dim // 128, batch_first=True)
+        self.ln_q = nn.LayerNorm(output_dim, eps=LAYER_NORM_EPS)
+        self.ln_kv = nn.LayerNorm(output_dim, eps=LAYER_NORM_EPS)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        batch, num_patches, _ = features.shape
+        key_positions = resize_positions(self.pos_embed, num_patches)
+        x = self.ln_kv(self.kv_proj(features))
+        q = (self.ln_q(self.query) + self.pos_embed).expand(batch, -1, -1)
+        out, _ = self.attn(q, x + key_positions, x, need_weights=False)
+        return out
+
+
+class VisionTransformer(nn.Module):
+    """Images [B, 3, 448, 448] -> embeddings [B, 256, output_dim]."""
+
+    def __init__(self, visual: dict, prefix: str = ""):
+        super().__init__()
+        width = visual["width"]
+        patch = visual["patch_size"]
+        self.image_size = visual["image_size"]
+        self.num_patches = (self.image_size // patch) ** 2
+        output_dim = visual["output_dim"]
+
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=False)
+        # A 16x16 table, resized to the patch grid at run time.
+        self.positional_embedding = nn.Parameter(torch.empty(NUM_QUERIES, width))
+        self.ln_pre = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
+        self.transformer = VisualTransformer(
+            width,
+            visual["layers"],
+            visual["heads"],
+            int(width * visual["mlp_ratio"]),
+            prefix=f"{prefix}.transformer",
+        )
+        self.attn_pool = Adapter(output_dim, width)
+        self.ln_post = nn.LayerNorm(output_dim, eps=LAYER_NORM_EPS)
+        self.proj = nn.Parameter(torch.empty(output_dim, output_dim))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(pixel_values.to(self.conv1.weight.dtype))
+        x = x.flatten(2).transpose(1, 2)
+        x = x + resize_positions(self.positional_embedding, x.shape[1])
+        x = self.ln_pre(x)
+        x = self.transformer(x)
+        x = self.attn_pool(x)
+        x = self.ln_post(x)
+        return x @ self.proj

