@@ -1,0 +1,60 @@
+"""The engine's lifecycle: one vLLM AsyncLLM for the served model, started and
+stopped by the app's lifespan, with the few facts the API layer needs."""
+
+import logging
+from collections.abc import AsyncIterator
+
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.outputs import RequestOutput
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from .metrics import EngineGauges
+
+logger = logging.getLogger("qwen_vl.server")
+
+
+class Engine:
+    def __init__(self, engine_args: AsyncEngineArgs):
+        self.engine_args = engine_args
+        self.llm: AsyncLLM | None = None
+
+    def start(self) -> None:
+        self.llm = AsyncLLM.from_engine_args(self.engine_args, stat_loggers=[EngineGauges])
+
+    def stop(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+
+    @property
+    def serving(self) -> bool:
+        return self.llm is not None and not self.llm.errored
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm.model_config.max_model_len
+
+    @property
+    def tokenizer(self):
+        return self.llm.get_tokenizer()
+
+    def sampling_defaults(self) -> dict:
+        """The checkpoint's generation_config.json as vLLM reads it
+        (Qwen-VL-Chat: top_p 0.3, top_k 0 = off, max_tokens 512)."""
+        return self.llm.model_config.get_diff_sampling_param()
+
+    def max_window_size(self) -> int:
+        """generation_config.json's max_window_size (6144 for Qwen-VL-Chat)."""
+        from vllm.transformers_utils.config import try_get_generation_config
+
+        config = try_get_generation_config(self.llm.model_config.model, trust_remote_code=False)
+        return int(getattr(config, "max_window_size", None) or 6144)
+
+    def generate(
+        self, prompt_ids: list[int], images: list, params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        prompt = {"prompt_token_ids": prompt_ids}
+        if images:
+            prompt["multi_modal_data"] = {"image": images}
+        # Cancelling the consumer (client gone) makes vLLM abort the request.
+        return self.llm.generate(prompt, params, request_id)

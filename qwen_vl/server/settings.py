@@ -1,0 +1,138 @@
+"""Every setting of the server in one place: our own (listen address, keys,
+image limits) and vLLM's engine arguments, passed through unchanged. Each one
+has a flag, an environment variable (`QWEN_VL_` + the flag's name in capitals,
+dashes as underscores) and a line in `--help`; a flag beats its variable."""
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV_PREFIX = "QWEN_VL_"
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str
+    port: int
+    model: str
+    served_model_name: str
+    api_keys: tuple[str, ...]
+    max_images_per_request: int
+    max_request_bytes: int
+    max_image_bytes: int
+    max_image_pixels: int
+    image_fetch_timeout: float
+    image_max_redirects: int
+    allow_private_image_urls: bool
+    image_local_root: Path | None
+    log_level: str
+
+
+def env_name(dest: str) -> str:
+    return ENV_PREFIX + dest.upper()
+
+
+def _truthy(value: str) -> bool:
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.strip().lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+def apply_environment(parser: argparse.ArgumentParser) -> None:
+    """Let `QWEN_VL_<DEST>` set each option's default, and say so in --help."""
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", argparse.SUPPRESS):
+            continue
+        name = env_name(action.dest)
+        action.help = f"{action.help or ''} [env {name}]".strip() if action.help != argparse.SUPPRESS else action.help
+        raw = os.environ.get(name)
+        if raw is None:
+            continue
+        if action.nargs == 0:  # store_true / store_false / BooleanOptionalAction
+            value = _truthy(raw)
+            if isinstance(action, argparse._StoreFalseAction):
+                value = not value
+        elif isinstance(action, argparse._AppendAction) or action.nargs in ("*", "+"):
+            value = [action.type(v) if action.type else v for v in raw.split()]
+        else:
+            value = action.type(raw) if callable(action.type) else raw
+        parser.set_defaults(**{action.dest: value})
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("qwen-vl server")
+    group.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    group.add_argument("--port", type=int, default=8000, help="port to listen on")
+    group.add_argument(
+        "--api-key", action="append", default=None, dest="api_key",
+        help="accepted API key (repeat for several; env: space-separated); none = no auth",
+    )
+    group.add_argument("--max-images-per-request", type=int, default=8, help="images in one request, at most")
+    group.add_argument("--max-request-bytes", type=int, default=32 * MIB, help="request body size limit (413 beyond)")
+    group.add_argument("--max-image-bytes", type=int, default=20 * MIB, help="size limit of one image, encoded")
+    group.add_argument(
+        "--max-image-pixels", type=int, default=40_000_000, help="width x height limit (decompression-bomb guard)"
+    )
+    group.add_argument("--image-fetch-timeout", type=float, default=10.0, help="connect/read timeout of image URLs, s")
+    group.add_argument("--image-max-redirects", type=int, default=3, help="redirects followed for an image URL")
+    group.add_argument(
+        "--allow-private-image-urls", action="store_true",
+        help="allow image URLs that resolve to loopback/private/link-local/reserved addresses",
+    )
+    group.add_argument(
+        "--image-local-root", type=Path, default=None,
+        help="directory under which local image paths (file://) may be read; unset = none",
+    )
+    group.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(
+        prog="qwen-vl-serve",
+        description="OpenAI-compatible server for Qwen-VL / Qwen-VL-Chat on vLLM. With no --model it serves "
+        "the built-in demo checkpoint (random tiny weights). vLLM's engine arguments pass through.",
+    )
+    add_server_arguments(parser)
+    AsyncEngineArgs.add_cli_args(parser)
+    parser.set_defaults(model=None)
+    apply_environment(parser)
+    return parser
+
+
+def parse(argv: list[str] | None = None):
+    """-> (Settings, vLLM AsyncEngineArgs)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    args = build_parser().parse_args(argv)
+    if args.model is None:
+        from qwen_vl.model_executor.checkpoint import demo_checkpoint
+
+        args.model = str(demo_checkpoint())
+    # vLLM's per-interval stats feed our Prometheus gauges (running, waiting, KV cache).
+    args.disable_log_stats = False
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    keys = args.api_key or []
+    settings = Settings(
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        served_model_name=(args.served_model_name or [args.model])[0],
+        api_keys=tuple(keys),
+        max_images_per_request=args.max_images_per_request,
+        max_request_bytes=args.max_request_bytes,
+        max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels,
+        image_fetch_timeout=args.image_fetch_timeout,
+        image_max_redirects=args.image_max_redirects,
+        allow_private_image_urls=args.allow_private_image_urls,
+        image_local_root=args.image_local_root,
+        log_level=args.log_level,
+    )
+    return settings, engine_args
