@@ -1,7 +1,16 @@
 """Shared fixtures: real things on disk, built once per test session."""
 
+import functools
+import http.server
 import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 
+import httpx
 import pytest
 
 # A small KV cache keeps each engine at a few GiB of RAM on the CI machine.
@@ -50,3 +59,81 @@ def ref_tokenizer():
     from tests.reference import ReferenceTokenizer
 
     return ReferenceTokenizer(qwen_tiktoken_path())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+API_KEY = "test-key"
+SERVED_MODEL = "qwen-vl-tiny"
+
+
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint, tmp_path_factory):
+    """One real server (`python -m qwen_vl.server`) on a loopback port for the
+    session, float32, with an API key and private image URLs allowed (the
+    tests serve images from 127.0.0.1)."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    command = [
+        sys.executable, "-m", "qwen_vl.server", "--model", str(tiny_checkpoint), "--port", str(port),
+        "--served-model-name", SERVED_MODEL, "--dtype", "float32", "--enforce-eager", "--seed", "0",
+        "--api-key", API_KEY, "--allow-private-image-urls", "--max-images-per-request", "4",
+    ]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-5000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        process.kill()
+        raise RuntimeError(f"server not healthy in time:\n{log.read_text()[-5000:]}")
+    yield url
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def async_client(server):
+    from openai import AsyncOpenAI
+
+    return AsyncOpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def image_host(tmp_path_factory):
+    """A plain HTTP server on 127.0.0.1 serving test images: `image_host(name)` -> URL."""
+    root = tmp_path_factory.mktemp("images")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+
+    def publish(name: str, image) -> str:
+        image.save(root / name)
+        return f"http://127.0.0.1:{httpd.server_port}/{name}"
+
+    yield publish
+    httpd.shutdown()

@@ -55,10 +55,12 @@ class BodySizeLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        too_large = APIError(413, f"request body larger than {self.limit} bytes", code="request_too_large")
         headers = dict(scope.get("headers", []))
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            return await self._reject(send)
+            response = JSONResponse(error_body(413, too_large.message, code=too_large.code), status_code=413)
+            return await response(scope, receive, send)
         received = 0
 
         async def counting_receive():
@@ -67,23 +69,11 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise _TooLarge
+                    # Raised inside FastAPI's body read; the APIError handler answers it.
+                    raise too_large
             return message
 
-        try:
-            await self.app(scope, counting_receive, send)
-        except _TooLarge:
-            await self._reject(send)
-
-    async def _reject(self, send: Send):
-        response = JSONResponse(
-            error_body(413, f"request body larger than {self.limit} bytes", code="request_too_large"), status_code=413
-        )
-        await response({"type": "http"}, None, send)
-
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, counting_receive, send)
 
 
 def create_app(settings: Settings, engine: Engine) -> FastAPI:

@@ -23,9 +23,13 @@ _TYPES = {
 }
 
 
-class APIError(Exception):
+class APIError(HTTPException):
+    """An error for the client. An HTTPException, so that one raised while
+    FastAPI reads the body (the body size limit) reaches its handler as itself
+    instead of becoming FastAPI's generic 400."""
+
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
-        super().__init__(message)
+        super().__init__(status, message)
         self.status = status
         self.message = message
         self.param = param
@@ -41,8 +45,19 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(error_body(status, message, param, code), status_code=status)
 
 
+# Pydantic names the member of a union it tried ("str", "list[...]") and a
+# tagged union's tag in an error's location; the client's field path has neither.
+_UNION_MEMBERS = ("str", "int", "float", "bool")
+
+
 def _location(loc) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body",)]
+    parts, tag_at = [], None
+    for i, part in enumerate(map(str, loc)):
+        if "tagged-union[" in part:
+            tag_at = i + (2 if part.startswith("list[") else 1)  # after the list index, if any
+        if i == tag_at or part == "body" or part in _UNION_MEMBERS or "[" in part:
+            continue
+        parts.append(part)
     return ".".join(parts) or None
 
 
@@ -54,15 +69,24 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
         errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        # The deepest error: of a union's members, the one that got furthest.
+        first = max(errors, key=lambda e: len(e.get("loc", ())), default={"loc": (), "msg": "invalid request"})
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip(),
+                                  None, "invalid_json")
         param = _location(first.get("loc", ()))
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        reason = first.get("msg")
+        if first.get("type") == "value_error":  # a validator's own text, without pydantic's "Value error, "
+            reason = first.get("ctx", {}).get("error", reason)
+        message = f"{param}: {reason}" if param else str(reason)
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more error(s))"
         return error_response(400, message, param, "invalid_value")
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
+        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's json.loads of the body
+            return error_response(400, f"the body is not valid UTF-8: {exc.__cause__.reason}", None, "invalid_json")
         return error_response(exc.status_code, str(exc.detail))
 
     @app.exception_handler(Exception)

@@ -65,17 +65,20 @@ async def load_image(url: str, limits: ImageLimits, client: httpx.AsyncClient | 
 
     `client` is reused for downloads when given (a long-lived one pools
     connections); any client is safe, because requests go to addresses vetted
-    here, not to names the client would resolve itself.
+    here, not to names the client would resolve itself. (Behind an https
+    proxy from the environment, https downloads fail the certificate check:
+    httpx sends the proxy the IP, not the name. Hence trust_env=False.)
     """
-    if url.startswith("data:"):
+    scheme = url[: url.find(":") + 1].lower()  # "" for a plain path
+    if scheme == "data:":
         return await asyncio.to_thread(lambda: _decode(_data_url_bytes(url, limits), limits))
-    if url.startswith(("http://", "https://")):
+    if scheme in ("http:", "https:"):
         if client is None:
             async with httpx.AsyncClient(trust_env=False, timeout=limits.fetch_timeout) as own_client:
                 data = await _download(url, limits, own_client)
         else:
             data = await _download(url, limits, client)
-    elif url.startswith(("file:", "/")):
+    elif scheme == "file:" or url.startswith("/"):
         data = await asyncio.to_thread(_read_local, url, limits)
     else:
         raise ImageError("image URL must be a data:image/...;base64 URL or an http(s) URL", "url_not_allowed")
@@ -133,8 +136,9 @@ def _data_url_bytes(url: str, limits: ImageLimits) -> bytes:
     params = header.split(";")
     if not comma or not params[0].lower().startswith("image/") or params[-1].lower() != "base64":
         raise ImageError("data URL must have the form data:image/<type>;base64,<data>")
-    # Refuse by the encoded length first, so an oversized payload is never decoded.
-    if len(payload) > 4 * -(-limits.max_bytes // 3):
+    # Refuse by the encoded length first (4 characters per 3 bytes, rounded up),
+    # so an oversized payload is never decoded.
+    if len(payload) > (limits.max_bytes + 2) // 3 * 4:
         raise ImageError(f"image is larger than {limits.max_bytes} bytes", "image_too_large")
     try:
         data = base64.b64decode(payload, validate=True)
@@ -150,13 +154,11 @@ def _data_url_bytes(url: str, limits: ImageLimits) -> bytes:
 
 async def _download(url: str, limits: ImageLimits, client: httpx.AsyncClient) -> bytes:
     try:
-        current = httpx.URL(url)
-    except httpx.InvalidURL:
+        return await asyncio.wait_for(_follow_redirects(httpx.URL(url), limits, client), limits.fetch_timeout)
+    except httpx.InvalidURL:  # httpx checks a redirect's Location itself (an HTTPError)
         raise ImageError("image URL is malformed") from None
-    try:
-        return await asyncio.wait_for(_follow_redirects(current, limits, client), limits.fetch_timeout)
     except (asyncio.TimeoutError, httpx.TimeoutException):
-        raise ImageError(f"image download timed out after {limits.fetch_timeout:g} s", "image_fetch_failed") from None
+        raise ImageError("image download timed out", "image_fetch_failed") from None
     except httpx.HTTPError as error:
         reason = str(error) or type(error).__name__
         raise ImageError(f"image download failed: {reason}", "image_fetch_failed") from None
@@ -198,7 +200,9 @@ async def _get(url: httpx.URL, limits: ImageLimits, client: httpx.AsyncClient) -
     return await _get_from(addresses[-1], url, limits, client)
 
 
-async def _get_from(address: str, url: httpx.URL, limits: ImageLimits, client: httpx.AsyncClient) -> bytes | httpx.URL:
+async def _get_from(
+    address: str, url: httpx.URL, limits: ImageLimits, client: httpx.AsyncClient
+) -> bytes | httpx.URL:
     async with client.stream(
         "GET",
         url.copy_with(host=address),
@@ -255,7 +259,10 @@ def _read_local(url: str, limits: ImageLimits) -> bytes:
         url = unquote(parts.path)
     # Both sides resolved (symlinks and "..") before comparing, so neither a
     # "../" nor a symlink under the root can lead outside it.
-    path = Path(url).resolve()
+    try:
+        path = Path(url).resolve()
+    except (ValueError, RuntimeError):  # a NUL byte; a symlink loop
+        raise ImageError("local image path is malformed") from None
     if not path.is_relative_to(limits.local_root.resolve()):
         raise ImageError("local image path is outside the allowed directory", "url_not_allowed")
     if not path.is_file():  # also keeps a FIFO from blocking the read forever

@@ -5,7 +5,7 @@ OpenAI-compatible servers do; invalid values fail validation (400)."""
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 16
 MAX_STOP_SEQUENCES = 8
@@ -64,12 +64,13 @@ class SamplingFields(Request):
     ignore_eos: bool = False
     user: str | None = None
 
-    @model_validator(mode="after")
-    def _check_stop(self):
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop or []
         if len(stops) > MAX_STOP_SEQUENCES or any(not s for s in stops):
-            raise ValueError(f"stop: at most {MAX_STOP_SEQUENCES} non-empty sequences")
-        return self
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} non-empty sequences")
+        return stop
 
     @property
     def stop_sequences(self) -> list[str]:

@@ -9,7 +9,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.outputs import RequestOutput
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from .metrics import EngineGauges
+from .metrics import REQUESTS_UNFINISHED, EngineGauges
 
 logger = logging.getLogger("qwen_vl.server")
 
@@ -21,6 +21,7 @@ class Engine:
 
     def start(self) -> None:
         self.llm = AsyncLLM.from_engine_args(self.engine_args, stat_loggers=[EngineGauges])
+        REQUESTS_UNFINISHED.set_function(self.llm.get_num_unfinished_requests)
 
     def stop(self) -> None:
         if self.llm is not None:

@@ -29,6 +29,9 @@ IMAGE_LOAD = Histogram(
 REQUESTS_RUNNING = Gauge("qwen_vl_requests_running", "Requests the engine is running")
 REQUESTS_WAITING = Gauge("qwen_vl_requests_waiting", "Requests waiting in the engine's queue")
 KV_CACHE_USAGE = Gauge("qwen_vl_kv_cache_usage_ratio", "Fraction of the KV cache in use (0-1)")
+# Read at scrape time from the engine itself (set by the engine's owner):
+# unlike the gauges above it does not wait for the next scheduler step.
+REQUESTS_UNFINISHED = Gauge("qwen_vl_requests_unfinished", "Requests the engine holds (running or waiting), now")
 
 
 class EngineGauges(StatLoggerBase):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 ENV_PREFIX = "QWEN_VL_"
 MIB = 1024 * 1024
+DEMO_MODEL_NAME = "qwen-vl-demo"
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,6 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--image-local-root", type=Path, default=None,
         help="directory under which local image paths (file://) may be read; unset = none",
     )
-    group.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +115,7 @@ def parse(argv: list[str] | None = None):
         from qwen_vl.model_executor.checkpoint import demo_checkpoint
 
         args.model = str(demo_checkpoint())
+        args.served_model_name = args.served_model_name or [DEMO_MODEL_NAME]
     # vLLM's per-interval stats feed our Prometheus gauges (running, waiting, KV cache).
     args.disable_log_stats = False
     engine_args = AsyncEngineArgs.from_cli_args(args)
@@ -133,6 +134,7 @@ def parse(argv: list[str] | None = None):
         image_max_redirects=args.image_max_redirects,
         allow_private_image_urls=args.allow_private_image_urls,
         image_local_root=args.image_local_root,
-        log_level=args.log_level,
+        # vLLM's own --log-level (None unless given) also sets ours.
+        log_level=(getattr(args, "log_level", None) or "info").lower(),
     )
     return settings, engine_args
