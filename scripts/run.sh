@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The main job: sets up the environment, then generates an answer about an
-# image from the built-in demo checkpoint (written on first use).
-# Extra arguments go to `python -m qwen_vl.server.demo` (see --help).
+# The main job: sets up the environment, then starts the OpenAI-compatible
+# server on 127.0.0.1:8000, serving the built-in demo checkpoint (written on
+# first use) unless --model says otherwise. Extra arguments go to the server
+# (`bash scripts/run.sh --help` lists them all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh cpu,dev
-exec .venv/bin/python -m qwen_vl.server.demo "$@"
+exec .venv/bin/python -m qwen_vl.server "$@"
