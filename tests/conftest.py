@@ -71,40 +71,51 @@ API_KEY = "test-key"
 SERVED_MODEL = "qwen-vl-tiny"
 
 
-@pytest.fixture(scope="session")
-def server(tiny_checkpoint, tmp_path_factory):
-    """One real server (`python -m qwen_vl.server`) on a loopback port for the
-    session, float32, with an API key and private image URLs allowed (the
-    tests serve images from 127.0.0.1)."""
+def start_server(checkpoint, log_path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """`python -m qwen_vl.server` on a free loopback port, float32, with the
+    test API key; returns once /health answers 200."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
     command = [
-        sys.executable, "-m", "qwen_vl.server", "--model", str(tiny_checkpoint), "--port", str(port),
+        sys.executable, "-m", "qwen_vl.server", "--model", str(checkpoint), "--port", str(port),
         "--served-model-name", SERVED_MODEL, "--dtype", "float32", "--enforce-eager", "--seed", "0",
-        "--api-key", API_KEY, "--allow-private-image-urls", "--max-images-per-request", "4",
+        "--api-key", API_KEY, *extra,
     ]
-    with open(log, "wb") as out:
+    with open(log_path, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-5000:]}")
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-5000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
+                return process, url
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    else:
-        process.kill()
-        raise RuntimeError(f"server not healthy in time:\n{log.read_text()[-5000:]}")
+    process.kill()
+    raise RuntimeError(f"server not healthy in time:\n{log_path.read_text()[-5000:]}")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint, tmp_path_factory):
+    """One real server for the session, with private image URLs allowed (the
+    tests serve images from 127.0.0.1)."""
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    process, url = start_server(
+        tiny_checkpoint, log, "--allow-private-image-urls", "--max-images-per-request", "4"
+    )
     yield url
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    stop_server(process)
 
 
 @pytest.fixture(scope="session")

@@ -2,12 +2,15 @@
 health, version and metrics. Handlers read like the API reference; the work
 is in prompt.py (messages -> ids), images.py, generation.py and grounding.py."""
 
+import asyncio
 import hmac
 import logging
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -43,6 +46,8 @@ VERSION = "0.1.0"
 # The original chat() stops at <|im_end|> or <|im_start|>; <|endoftext|> is
 # the checkpoint's eos, which vLLM adds itself.
 CHAT_STOP_TOKEN_IDS = [IM_END_ID, IM_START_ID]
+ENGINE_WATCH_INTERVAL = 0.5  # seconds
+ENGINE_DEAD_LINGER = 3.0  # seconds
 
 
 class BodySizeLimit:
@@ -76,8 +81,21 @@ class BodySizeLimit:
         await self.app(scope, counting_receive, send)
 
 
-def create_app(settings: Settings, engine: Engine) -> FastAPI:
+def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], None] | None = None) -> FastAPI:
+    """`on_engine_dead` is called once if the engine dies: the process should
+    then exit non-zero so that an orchestrator restarts it."""
     state: dict = {}
+    admission = generation.Admission(settings.max_pending_requests)
+
+    async def watch_engine():
+        while engine.serving:
+            await asyncio.sleep(ENGINE_WATCH_INTERVAL)
+        logger.error("the engine died: answering 503 for %.0f s, then exiting", ENGINE_DEAD_LINGER)
+        # Linger briefly so that load balancers and clients see 503s (and
+        # /health fail) rather than refused connections, then exit.
+        await asyncio.sleep(ENGINE_DEAD_LINGER)
+        if on_engine_dead is not None:
+            on_engine_dead()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -91,12 +109,19 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
             settings.model, settings.served_model_name, settings.host, settings.port,
             time.perf_counter() - started, engine.max_model_len,
         )
+        watcher = asyncio.create_task(watch_engine())
         yield
+        watcher.cancel()
         engine.stop()
 
     app = FastAPI(title="qwen-vl-serve", version=VERSION, lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     image_limits = ImageLimits(
         max_bytes=settings.max_image_bytes,
         max_pixels=settings.max_image_pixels,
@@ -143,7 +168,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
 
         return {"version": VERSION, "vllm": vllm.__version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(authorized)] if settings.protect_metrics else [])
     async def prometheus():
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
@@ -151,23 +176,39 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=settings.served_model_name, max_model_len=engine.max_model_len)])
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def prepare(body, build_prompt, *, endpoint: str, prefix: str, stop_token_ids: list[int],
+                      logprobs: int | None) -> generation.Job:
+        """Validate (cheap checks first), admit, then fetch the images."""
         check_model(body.model)
         try:
-            prompt = state["builder"].chat(body.messages)
+            prompt = build_prompt()
         except PromptError as e:
             raise APIError(400, str(e), param=e.param) from e
-        top = body.top_logprobs or 0
         params = sampling_params(
             body, state["defaults"],
             prompt_tokens=len(prompt.token_ids), max_model_len=engine.max_model_len,
-            completion_limit=body.completion_limit, logprobs=top if body.logprobs else None,
-            stop_token_ids=CHAT_STOP_TOKEN_IDS, stream=body.stream,
+            completion_limit=body.completion_limit, logprobs=logprobs,
+            stop_token_ids=stop_token_ids, stream=body.stream,
         )
-        images = await generation.fetch_images(prompt, image_limits, settings.max_images_per_request)
-        job = generation.Job("chat", generation.new_request_id("chatcmpl"), prompt, images, params)
+        ticket = admission.admit()
+        try:
+            images = await generation.fetch_images(prompt, image_limits, settings.max_images_per_request)
+        except BaseException:
+            ticket.release()
+            raise
+        timeout = settings.request_timeout or None
+        return generation.Job(endpoint, generation.new_request_id(prefix), prompt, images, params, ticket, timeout)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        top = body.top_logprobs or 0
+        job = await prepare(
+            body, lambda: state["builder"].chat(body.messages), endpoint="chat", prefix="chatcmpl",
+            stop_token_ids=CHAT_STOP_TOKEN_IDS, logprobs=top if body.logprobs else None,
+        )
+        images = job.images
         if body.grounding_image is not None and body.grounding_image >= len(images):
+            job.ticket.release()
             raise APIError(400, f"grounding_image={body.grounding_image} but the conversation has {len(images)} image(s)",
                            param="grounding_image")
         if body.stream:
@@ -229,19 +270,10 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest, request: Request):
-        check_model(body.model)
-        try:
-            prompt = state["builder"].completion(body.prompt_text)
-        except PromptError as e:
-            raise APIError(400, str(e), param=e.param) from e
-        params = sampling_params(
-            body, state["defaults"],
-            prompt_tokens=len(prompt.token_ids), max_model_len=engine.max_model_len,
-            completion_limit=body.completion_limit, logprobs=body.logprobs,
-            stop_token_ids=[], stream=body.stream,
+        job = await prepare(
+            body, lambda: state["builder"].completion(body.prompt_text), endpoint="completion", prefix="cmpl",
+            stop_token_ids=[], logprobs=body.logprobs,
         )
-        images = await generation.fetch_images(prompt, image_limits, settings.max_images_per_request)
-        job = generation.Job("completion", generation.new_request_id("cmpl"), prompt, images, params)
 
         def completion(choices: list[CompletionChoice], usage=None) -> Completion:
             return Completion(id=job.request_id, model=body.model, choices=choices, usage=usage)

@@ -20,6 +20,7 @@ _TYPES = {
     405: "invalid_request_error",
     413: "invalid_request_error",
     503: "service_unavailable_error",
+    504: "timeout_error",
 }
 
 
@@ -28,8 +29,11 @@ class APIError(HTTPException):
     FastAPI reads the body (the body size limit) reaches its handler as itself
     instead of becoming FastAPI's generic 400."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
-        super().__init__(status, message)
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(status, message, headers)
         self.status = status
         self.message = message
         self.param = param
@@ -41,8 +45,10 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return ErrorResponse(error=detail).model_dump()
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status)
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
 # Pydantic names the member of a union it tried ("str", "list[...]") and a
@@ -64,7 +70,7 @@ def _location(loc) -> str | None:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
-        return error_response(exc.status, exc.message, exc.param, exc.code)
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):

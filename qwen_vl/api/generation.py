@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -25,6 +26,34 @@ from .prompt import Prompt
 from .protocol import Box, ChoiceLogprobs, TokenLogprob, TopLogprob, Usage
 
 
+class Admission:
+    """A bound on generation requests in flight, counted from admission
+    (before images are fetched) to the end of generation."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_flight = 0
+
+    def admit(self) -> "Ticket":
+        if self.in_flight >= self.limit:
+            raise APIError(503, f"the server is at capacity ({self.in_flight} requests in flight); retry shortly",
+                           code="overloaded", headers={"Retry-After": "1"})
+        self.in_flight += 1
+        return Ticket(self)
+
+    def _release(self) -> None:
+        self.in_flight -= 1
+
+
+class Ticket:
+    """A place in the bound. `release()` gives it back once; so does garbage
+    collection, so that a stream a client abandons before it starts (its
+    generator then never runs) cannot hold its place forever."""
+
+    def __init__(self, admission: Admission):
+        self.release = weakref.finalize(self, admission._release)
+
+
 @dataclass
 class Job:
     """One generation request on its way through the engine."""
@@ -34,6 +63,8 @@ class Job:
     prompt: Prompt
     images: list[Image.Image]
     params: SamplingParams
+    ticket: Ticket
+    timeout: float | None = None  # seconds; None = no deadline
     arrival: float = field(default_factory=time.perf_counter)
 
 
@@ -71,6 +102,11 @@ def _engine_unavailable(error: Exception) -> APIError:
     return APIError(503, f"the engine is not serving: {type(error).__name__}", code="engine_unavailable")
 
 
+def _deadline_exceeded(job: Job) -> APIError:
+    return APIError(504, f"the request ran past its {job.timeout:g} s deadline and was aborted",
+                    code="deadline_exceeded")
+
+
 async def _outputs(engine: Engine, job: Job) -> AsyncIterator[RequestOutput]:
     try:
         async for output in engine.generate(job.prompt.token_ids, job.images, job.params, job.request_id):
@@ -101,12 +137,15 @@ async def run_to_end(request: Request, engine: Engine, job: Job) -> list[Choice]
                 merge(choices[out.index], out)
         return [choices[i] for i in range(job.params.n)]
 
-    work = asyncio.ensure_future(collect())
+    work = asyncio.ensure_future(asyncio.wait_for(collect(), job.timeout))
     watcher = asyncio.ensure_future(_cancel_on_disconnect(request, work))
     try:
         choices = await work
+    except TimeoutError as e:
+        raise _deadline_exceeded(job) from e
     finally:
         watcher.cancel()
+        job.ticket.release()
     record_finished(job, choices)
     return choices
 
@@ -147,25 +186,31 @@ async def stream_events(
     choices = {i: Choice(i) for i in range(job.params.n)}
     last = None
     try:
-        async for output in _outputs(engine, job):
-            now = time.perf_counter()
-            if last is None:
-                metrics.TIME_TO_FIRST_TOKEN.observe(now - job.arrival)
-            else:
-                metrics.INTER_TOKEN_LATENCY.observe(now - last)
-            last = now
-            for out in output.outputs:
-                choice = choices[out.index]
-                merge(choice, out)
-                chunk = on_delta(choice, out)
-                if chunk is not None:
-                    yield sse(chunk)
+        async with asyncio.timeout(job.timeout):
+            async for output in _outputs(engine, job):
+                now = time.perf_counter()
+                if last is None:
+                    metrics.TIME_TO_FIRST_TOKEN.observe(now - job.arrival)
+                else:
+                    metrics.INTER_TOKEN_LATENCY.observe(now - last)
+                last = now
+                for out in output.outputs:
+                    choice = choices[out.index]
+                    merge(choice, out)
+                    chunk = on_delta(choice, out)
+                    if chunk is not None:
+                        yield sse(chunk)
         ordered = [choices[i] for i in range(job.params.n)]
         record_finished(job, ordered)
         for chunk in on_finish(ordered):
             yield sse(chunk)
+    except TimeoutError:
+        e = _deadline_exceeded(job)
+        yield sse({"error": error_body(e.status, e.message, e.param, e.code)["error"]})
     except APIError as e:
         yield sse({"error": error_body(e.status, e.message, e.param, e.code)["error"]})
+    finally:
+        job.ticket.release()
     yield sse("[DONE]")
 
 

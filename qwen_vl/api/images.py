@@ -12,7 +12,6 @@ which is verified here to succeed, so a bad image fails the request early.
 
 import asyncio
 import base64
-import binascii
 import io
 import ipaddress
 import socket
@@ -142,7 +141,7 @@ def _data_url_bytes(url: str, limits: ImageLimits) -> bytes:
         raise ImageError(f"image is larger than {limits.max_bytes} bytes", "image_too_large")
     try:
         data = base64.b64decode(payload, validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or a plain ValueError for non-ASCII characters
         raise ImageError("data URL is not valid base64") from None
     if len(data) > limits.max_bytes:
         raise ImageError(f"image is larger than {limits.max_bytes} bytes", "image_too_large")

@@ -51,6 +51,16 @@ class Prompt:
     image_urls: list[str] = field(default_factory=list)  # in order of appearance
 
 
+def _check_unicode(text: str, param: str) -> None:
+    """JSON may carry lone surrogates ("\\ud800"), which are no Unicode text:
+    the tokenizer cannot take them, so the request is refused."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PromptError(f"{param}: the text holds a lone surrogate ({text[e.start]!r}), which is not Unicode "
+                          "text", param) from None
+
+
 class PromptBuilder:
     def __init__(self, backend: tokenizers.Tokenizer, max_window_size: int = 6144):
         # Two private copies of the Rust tokenizer (its special-token switch is
@@ -65,6 +75,7 @@ class PromptBuilder:
 
     def encode_text(self, text: str) -> list[int]:
         """Content text: the grounding tags are tokens, nothing else is special."""
+        _check_unicode(text, "messages")
         ids: list[int] = []
         for piece in _GROUNDING_SPLIT.split(text):
             if piece in self._grounding_ids:
@@ -156,6 +167,7 @@ class PromptBuilder:
         """A raw prompt for the pretrained Qwen-VL: every special-token string is
         a token (as the original tokenizer reads raw text) and each
         `<img>URL</img>` span holds the URL of an image."""
+        _check_unicode(text, "prompt")
         ids: list[int] = []
         urls: list[str] = []
         position = 0

@@ -4,17 +4,29 @@ vLLM calls `register` (entry point group `vllm.general_plugins`) in every
 process it starts; each step is idempotent.
 """
 
+from pathlib import Path
+
 ARCHITECTURE = "QWenLMHeadModel"
+MODEL_TYPE = "qwen"
+# The original chat() prompt as a Jinja template, for vLLM's own OpenAI server
+# (`vllm serve`); our server builds the same ids in qwen_vl.api.prompt.
+CHAT_TEMPLATE = Path(__file__).with_name("chat_template.jinja")
 
 
 def register() -> None:
     from vllm import ModelRegistry
+    from vllm.transformers_utils.chat_templates.registry import (
+        get_chat_template_fallback_path,
+        register_chat_template_fallback_path,
+    )
 
     from .config import register_config
     from .tokenizer import register_tokenizer
 
     register_config()
     register_tokenizer()
+    if get_chat_template_fallback_path(MODEL_TYPE, "") != CHAT_TEMPLATE:
+        register_chat_template_fallback_path(MODEL_TYPE, CHAT_TEMPLATE)
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         # Lazy "module:class" form: the model module imports torch layers that
         # must not initialise a device in the process that registers.

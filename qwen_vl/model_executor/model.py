@@ -216,8 +216,11 @@ def warn_beyond_seq_length(config: QWenConfig, max_model_len: int) -> None:
 class QWenLMHeadModel(nn.Module, SupportsMultiModal):
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        # Only used when vLLM's server renders chat in the "string" content format: it
+        # joins the placeholders and the text with "\n" itself. Our chat template (the
+        # "openai" format) writes the pictures, numbered from 1 in each user turn.
         if modality.startswith("image"):
-            return f"Picture {i}: <img></img>\n"
+            return f"Picture {i}: <img></img>"
         raise ValueError("Qwen-VL takes images only")
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):

@@ -1,8 +1,13 @@
 """`python -m qwen_vl.server` (or `qwen-vl-serve`): the OpenAI-compatible
-server, uvicorn + FastAPI over vLLM's async engine in one process."""
+server, uvicorn + FastAPI over vLLM's async engine in one process.
+
+Exit status: 0 after a clean shutdown (SIGTERM/SIGINT: stop accepting, let
+requests in flight finish within the grace period), 1 if the engine died,
+so that an orchestrator restarts the process."""
 
 import logging
 import os
+import signal
 import sys
 
 
@@ -23,8 +28,27 @@ def main(argv: list[str] | None = None) -> None:
     from qwen_vl.api.app import create_app
     from qwen_vl.server.engine import Engine
 
-    app = create_app(settings, Engine(engine_args))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30)
+    engine_died = False
+
+    def on_engine_dead() -> None:
+        nonlocal engine_died
+        engine_died = True
+        server.should_exit = True
+
+    app = create_app(settings, Engine(engine_args), on_engine_dead)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        timeout_graceful_shutdown=settings.shutdown_grace_period,
+    )
+    server = uvicorn.Server(config)
+    # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the
+    # handler that was installed before it: make that one a no-op, so that a
+    # clean drain ends with exit status 0 rather than "killed by SIGTERM".
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
+    server.run()
+    if engine_died or not server.started:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

