@@ -1,0 +1,1 @@
+"""Benchmarks: workloads, the load generator, peers side by side, the vision stage (see README)."""

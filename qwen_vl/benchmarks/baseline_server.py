@@ -15,13 +15,12 @@ import base64
 import binascii
 import io
 import json
-import threading
 import time
 import uuid
 
 import torch
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 
@@ -68,7 +67,7 @@ def create_app(model_dir: str, served_model_name: str, dtype: torch.dtype) -> Fa
         return {"object": "list", "data": [{"id": served_model_name, "object": "model"}]}
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest, request: Request):
+    async def chat(body: ChatCompletionRequest):
         try:
             prompt = builder.chat(body.messages)
             images = [decode_data_url(url) for url in prompt.image_urls]
@@ -133,7 +132,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument("--threads", type=int, default=None, help="torch compute threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     app = create_app(args.model, args.served_model_name or args.model, getattr(torch, args.dtype))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 

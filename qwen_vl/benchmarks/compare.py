@@ -136,8 +136,15 @@ def server_command(system: str, model: Path, port: int, args) -> list[str]:
                 "--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log", *engine_args(args)]
     if system == "baseline":
         return [py, "-m", "qwen_vl.benchmarks.baseline_server", "--model", str(model), "--served-model-name",
-                SERVED_MODEL, "--port", str(port), "--dtype", args.dtype]
+                SERVED_MODEL, "--port", str(port), "--dtype", args.dtype, "--threads", str(baseline_threads())]
     raise ValueError(system)
+
+
+def baseline_threads() -> int:
+    """The compute the vLLM engines get: their default CPU binding (VLLM_CPU_OMP_THREADS_BIND=auto)
+    computes on all cores but one. More threads than free cores stall PyTorch's OpenMP (here,
+    2 threads beside a busy client: 10x slower decoding)."""
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 def level_sizes(args, system: str) -> list[int]:
@@ -159,8 +166,9 @@ def run_server(system: str, model: Path, args, out_dir: Path, env: dict) -> list
         print(f"[{system}] ready in {ready:.1f} s", file=sys.stderr)
         for index, (concurrency, count) in enumerate(zip(args.concurrency, level_sizes(args, system))):
             requests = build_workload(args.workload, count, args.seed + index, args.max_tokens)
-            warmup = build_workload(args.workload, min(args.warmup, concurrency) if args.warmup else 0,
-                                    args.seed + 10_000 + index, args.max_tokens)
+            # The serial baseline has nothing to warm beyond its first request.
+            warmups = min(args.warmup, 1 if system == "baseline" else concurrency)
+            warmup = build_workload(args.workload, warmups, args.seed + 10_000 + index, args.max_tokens)
             print(f"[{system}] concurrency {concurrency}: {count} requests", file=sys.stderr)
             result = asyncio.run(benchmark(server.url, SERVED_MODEL, requests, concurrency=concurrency,
                                            num_requests=count, warmup=warmup, seed=args.seed,
@@ -208,7 +216,8 @@ def machine() -> dict:
     mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                   if line.startswith("MemTotal"))
     return {"nproc": os.cpu_count(), "cpu": cpu, "ram_gib": round(mem_kb / 2**20, 1), "python": platform.python_version(),
-            "vllm": vllm.__version__, "torch": torch.__version__, "kernel": platform.release()}
+            "vllm": vllm.__version__, "torch": torch.__version__, "kernel": platform.release(),
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 def _fmt(value, spec: str = "{:.1f}") -> str:
@@ -315,12 +324,14 @@ def write_report(path: Path, runs: list[dict], args, command: str, model: Path, 
         f"- checkpoint: `{args.preset or model}` ({model}), random weights in the Qwen-VL-Chat layout",
         f"- workload: `{args.workload}`, {args.max_tokens} output tokens per request (`ignore_eos`, greedy), "
         f"closed loop; requests per level: {', '.join(map(str, level_sizes(args, 'ours')))} "
-        f"(baseline: {', '.join(map(str, level_sizes(args, 'baseline')))}), {args.warmup} warm-up request(s) per level",
+        f"(baseline: {', '.join(map(str, level_sizes(args, 'baseline')))}), up to {args.warmup} warm-up request(s) per level (baseline: 1)",
         f"- engine arguments of both vLLM servers and the offline engine: `{shlex.join(engine_args(args))}`, "
         f"VLLM_CPU_KVCACHE_SPACE={args.kv_cache_gib}",
-        f"- baseline: `qwen_vl.benchmarks.baseline_server`, {args.dtype}, one request at a time",
+        f"- baseline: `qwen_vl.benchmarks.baseline_server`, {args.dtype}, {baseline_threads()} torch thread(s) "
+        "(the vLLM engines compute on all cores but one), one request at a time",
         f"- machine: {info['nproc']} CPUs ({info['cpu']}), {info['ram_gib']} GiB RAM, Linux {info['kernel']}; "
-        f"Python {info['python']}, vLLM {info['vllm']}, torch {info['torch']}",
+        f"Python {info['python']}, vLLM {info['vllm']}, torch {info['torch']}; load average at the end "
+        f"{' / '.join(map(str, info['load_average']))} (1/5/15 min: other work on the machine skews every figure)",
         "- start-up to healthy: " + ", ".join(f"{s} {t:.1f} s" for s, t in started.items()),
         f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
         "",
@@ -350,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-requests", type=int, default=None, help="timed requests per level (fixed)")
     parser.add_argument("--requests-per-slot", type=int, default=2, help="else concurrency x this ...")
     parser.add_argument("--min-requests", type=int, default=8, help="... but at least this many")
-    parser.add_argument("--baseline-max-requests", type=int, default=8,
+    parser.add_argument("--baseline-max-requests", type=int, default=4,
                         help="the serial baseline gets at most max(concurrency, this) requests per level")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=2, help="untimed requests before each level")
