@@ -11,7 +11,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -37,6 +38,7 @@ from .protocol import (
     CompletionLogprobs,
     CompletionRequest,
     Delta,
+    ErrorResponse,
     ModelCard,
     ModelList,
 )
@@ -79,6 +81,32 @@ class BodySizeLimit:
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+class CountRequests:
+    """qwen_vl_requests_total by route and status. Plain ASGI: Starlette's
+    BaseHTTPMiddleware would relay every streamed chunk through a queue."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def record_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            route = scope.get("route")
+            endpoint = route.path if route is not None else "other"
+            metrics.REQUESTS.labels(endpoint=endpoint, status=str(status)).inc()
 
 
 def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], None] | None = None) -> FastAPI:
@@ -131,13 +159,7 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
         local_root=settings.image_local_root,
     )
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = route.path if route is not None else "other"
-        metrics.REQUESTS.labels(endpoint=endpoint, status=str(response.status_code)).inc()
-        return response
+    app.add_middleware(CountRequests)
 
     async def authorized(request: Request) -> None:
         if not settings.api_keys:
@@ -156,7 +178,8 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
         if not engine.serving:
             raise APIError(503, "the engine is not serving", code="engine_unavailable")
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response,
+             responses={200: {"description": "the engine serves"}, 503: {"model": ErrorResponse}})
     async def health():
         if engine.serving:
             return Response(status_code=200)
@@ -168,11 +191,12 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
 
         return {"version": VERSION, "vllm": vllm.__version__}
 
-    @app.get("/metrics", dependencies=[Depends(authorized)] if settings.protect_metrics else [])
+    @app.get("/metrics", dependencies=[Depends(authorized)] if settings.protect_metrics else [],
+             response_class=PlainTextResponse)
     async def prometheus():
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    @app.get("/v1/models", dependencies=[Depends(authorized)], responses={401: {"model": ErrorResponse}})
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=settings.served_model_name, max_model_len=engine.max_model_len)])
 
@@ -181,7 +205,8 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
         """Validate (cheap checks first), admit, then fetch the images."""
         check_model(body.model)
         try:
-            prompt = build_prompt()
+            # Tokenizing a long conversation takes real time: not on the event loop.
+            prompt = await asyncio.to_thread(build_prompt)
         except PromptError as e:
             raise APIError(400, str(e), param=e.param) from e
         params = sampling_params(
@@ -199,7 +224,8 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
         timeout = settings.request_timeout or None
         return generation.Job(endpoint, generation.new_request_id(prefix), prompt, images, params, ticket, timeout)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)],
+              responses={200: {"model": ChatCompletion}, **ERROR_RESPONSES})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         top = body.top_logprobs or 0
         job = await prepare(
@@ -268,7 +294,8 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
 
         return generation.stream_events(engine, job, on_delta, on_finish)
 
-    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    @app.post("/v1/completions", dependencies=[Depends(authorized)],
+              responses={200: {"model": Completion}, **ERROR_RESPONSES})
     async def completions(body: CompletionRequest, request: Request):
         job = await prepare(
             body, lambda: state["builder"].completion(body.prompt_text), endpoint="completion", prefix="cmpl",
@@ -311,7 +338,24 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
             usage=generation.usage(job, choices),
         )
 
+    app.openapi = lambda: openapi_without_422(app)
     return app
+
+
+# What the generation endpoints answer besides 200, all as OpenAI's error object.
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503, 504)}
+
+
+def openapi_without_422(app: FastAPI) -> dict:
+    """FastAPI documents its own 422 for invalid bodies; this server answers
+    those with 400 and OpenAI's error object (documented per route)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path in schema["paths"].values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def completion_logprobs(choice: generation.Choice, top: int) -> CompletionLogprobs:

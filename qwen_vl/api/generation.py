@@ -14,6 +14,7 @@ from fastapi import Request
 from PIL import Image
 from vllm import SamplingParams
 from vllm.outputs import CompletionOutput, RequestOutput
+from vllm.exceptions import VLLMValidationError
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from qwen_vl.server import metrics
@@ -113,6 +114,9 @@ async def _outputs(engine: Engine, job: Job) -> AsyncIterator[RequestOutput]:
             yield output
     except EngineDeadError as e:
         raise _engine_unavailable(e) from e
+    except VLLMValidationError as e:
+        # Whatever vLLM's own input checks refuse is the client's to fix.
+        raise APIError(400, str(e), code="invalid_value") from e
 
 
 async def _cancel_on_disconnect(request: Request, work: asyncio.Task) -> None:

@@ -5,9 +5,9 @@ and pixel counts before pixels are decoded; URLs may only reach public
 addresses (SSRF); local files only under one directory. Every refusal is an
 `ImageError`, whose message is meant for the client (a 400 response).
 
-Decoding runs in a worker thread, off the event loop. The image comes back
-loaded but not converted: the processor does the original's `convert("RGB")`,
-which is verified here to succeed, so a bad image fails the request early.
+Decoding runs in a worker thread, off the event loop, and ends with the
+original's `convert("RGB")` (alpha dropped, not composited): the image comes
+back as RGB, and one that cannot convert fails the request early.
 """
 
 import asyncio
@@ -307,7 +307,9 @@ def _decode(data: bytes, limits: ImageLimits) -> Image.Image:
         if getattr(image, "n_frames", 1) > 1:
             # A plain single-frame copy: nothing downstream can step to frame 2.
             image = image.copy()
-        image.convert("RGB")
+        # The original's conversion, done once here, off the event loop.
+        if image.mode != "RGB":
+            image = image.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"image has more than {limits.max_pixels} pixels", "image_too_large") from None
     except Exception:

@@ -182,4 +182,6 @@ class PromptBuilder:
         ids += self._raw.encode(text[position:], add_special_tokens=False).ids
         if ids.count(IMG_START_ID) != len(urls) or ids.count(IMG_END_ID) != len(urls):
             raise PromptError("prompt: unbalanced <img> tags", "prompt")
+        if not ids:  # the engine refuses an empty prompt
+            raise PromptError("prompt: the prompt is empty", "prompt")
         return Prompt(ids, urls)

@@ -37,12 +37,17 @@ class ImageCountMismatch(ValueError):
     """The prompt's `<img>...</img>` spans and the images given disagree."""
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The original's `convert("RGB")`, skipped when it would only copy."""
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def preprocess_image(image: Image.Image, size: int) -> torch.Tensor:
     """One image -> float32 [3, size, size], exactly as the original.
 
     PIL's bicubic resize, not torch's: the two differ by up to 0.03 after
     normalisation, enough to change the logits."""
-    image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    image = to_rgb(image).resize((size, size), Image.Resampling.BICUBIC)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
     pixels = (pixels - torch.tensor(IMAGE_MEAN)) / torch.tensor(IMAGE_STD)
     return pixels.permute(2, 0, 1).contiguous()
@@ -78,9 +83,9 @@ class QwenVLDataParser(MultiModalDataParser):
 
     def _parse_image_data(self, data):
         if isinstance(data, Image.Image):
-            return ImageProcessorItems([data.convert("RGB")])
+            return ImageProcessorItems([to_rgb(data)])
         if isinstance(data, (list, tuple)) and data and all(isinstance(d, Image.Image) for d in data):
-            return ImageProcessorItems([d.convert("RGB") for d in data])
+            return ImageProcessorItems([to_rgb(d) for d in data])
         return super()._parse_image_data(data)
 
 

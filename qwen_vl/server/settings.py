@@ -121,10 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    parser = FlexibleArgumentParser(
+    class ServerArgumentParser(FlexibleArgumentParser):
+        """vLLM's parser (JSON-valued flags, --help=GROUP/KEYWORD), except that a
+        plain --help lists every setting and its variable, not just the groups."""
+
+        def format_help(self):
+            if self._search_keyword is None:
+                return argparse.ArgumentParser.format_help(self)
+            return super().format_help()
+
+    parser = ServerArgumentParser(
         prog="qwen-vl-serve",
         description="OpenAI-compatible server for Qwen-VL / Qwen-VL-Chat on vLLM. With no --model it serves "
-        "the built-in demo checkpoint (random tiny weights). vLLM's engine arguments pass through.",
+        "the built-in demo checkpoint (random tiny weights). vLLM's engine arguments pass through. Every flag "
+        f"also reads the environment variable {ENV_PREFIX}<FLAG> (capitals, dashes as underscores); a flag "
+        "beats its variable. --help=GROUP or --help=WORD narrows this list.",
     )
     add_server_arguments(parser)
     AsyncEngineArgs.add_cli_args(parser)
