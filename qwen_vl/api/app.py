@@ -23,7 +23,7 @@ from qwen_vl.server.settings import Settings
 
 from . import generation
 from .errors import APIError, error_body, install_error_handlers
-from .images import ImageLimits
+from .images import ImageLimits, new_client
 from .prompt import PromptBuilder, PromptError
 from .sampling import sampling_params
 from .protocol import (
@@ -138,7 +138,8 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
             time.perf_counter() - started, engine.max_model_len,
         )
         watcher = asyncio.create_task(watch_engine())
-        yield
+        async with new_client(image_limits) as state["http"]:
+            yield
         watcher.cancel()
         engine.stop()
 
@@ -217,7 +218,9 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
         )
         ticket = admission.admit()
         try:
-            images = await generation.fetch_images(prompt, image_limits, settings.max_images_per_request)
+            images = await generation.fetch_images(
+                prompt, image_limits, settings.max_images_per_request, state["http"]
+            )
         except BaseException:
             ticket.release()
             raise

@@ -10,6 +10,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import httpx
 from fastapi import Request
 from PIL import Image
 from vllm import SamplingParams
@@ -82,7 +83,9 @@ def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-async def fetch_images(prompt: Prompt, limits: ImageLimits, max_images: int) -> list[Image.Image]:
+async def fetch_images(
+    prompt: Prompt, limits: ImageLimits, max_images: int, client: httpx.AsyncClient
+) -> list[Image.Image]:
     if len(prompt.image_urls) > max_images:
         raise APIError(
             400, f"{len(prompt.image_urls)} images in one request; the limit is {max_images}", code="too_many_images"
@@ -92,7 +95,7 @@ async def fetch_images(prompt: Prompt, limits: ImageLimits, max_images: int) -> 
         return []
     started = time.perf_counter()
     try:
-        images = await load_images(prompt.image_urls, limits)
+        images = await load_images(prompt.image_urls, limits, client)
     except ImageError as e:
         raise APIError(400, str(e), code=e.code) from e
     metrics.IMAGE_LOAD.observe(time.perf_counter() - started)

@@ -59,6 +59,12 @@ class ImageError(ValueError):
         self.code = code
 
 
+def new_client(limits: ImageLimits) -> httpx.AsyncClient:
+    """A client for image downloads. Making one costs milliseconds (it loads
+    the CA certificates): a server keeps one for its lifetime."""
+    return httpx.AsyncClient(trust_env=False, timeout=limits.fetch_timeout)
+
+
 async def load_image(url: str, limits: ImageLimits, client: httpx.AsyncClient | None = None) -> Image.Image:
     """Load one image from a data URL, an http(s) URL or a local path.
 
@@ -73,7 +79,7 @@ async def load_image(url: str, limits: ImageLimits, client: httpx.AsyncClient | 
         return await asyncio.to_thread(lambda: _decode(_data_url_bytes(url, limits), limits))
     if scheme in ("http:", "https:"):
         if client is None:
-            async with httpx.AsyncClient(trust_env=False, timeout=limits.fetch_timeout) as own_client:
+            async with new_client(limits) as own_client:
                 data = await _download(url, limits, own_client)
         else:
             data = await _download(url, limits, client)
@@ -92,10 +98,6 @@ async def load_images(
     Errors name the image by its 1-based position ("image 2: ..."), as the
     prompt numbers them ("Picture 2:").
     """
-    if client is None:
-        async with httpx.AsyncClient(trust_env=False, timeout=limits.fetch_timeout) as own_client:
-            return await load_images(urls, limits, own_client)
-
     async def numbered(position: int, url: str) -> Image.Image:
         try:
             return await load_image(url, limits, client)
