@@ -188,7 +188,7 @@ def run_offline(model: Path, args, out_dir: Path, env: dict) -> list[dict]:
     sizes = level_sizes(args, "offline")
     result_file = out_dir / "offline.json"
     command = [sys.executable, "-m", "qwen_vl.benchmarks.offline", "--model", str(model), "--workload", args.workload,
-               "--num-requests", *map(str, sizes), "--seed", str(args.seed), "--max-tokens", str(args.max_tokens),
+               "--num-requests", *map(str, sizes), "--concurrency", *map(str, args.concurrency), "--seed", str(args.seed), "--max-tokens", str(args.max_tokens),
                "--warmup", str(min(args.warmup, 2)), "--result-json", str(result_file), "--", *engine_args(args)]
     print(f"[offline] {shlex.join(command)}", file=sys.stderr)
     with open(out_dir / "offline.log", "wb") as log:

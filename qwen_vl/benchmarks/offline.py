@@ -2,8 +2,9 @@
 
 The prompts are built by our `PromptBuilder` (the same token ids every server sees) and the
 images decoded from the same data URLs before timing; sampling is the same (greedy, exactly
-`max_tokens` tokens, `ignore_eos`). Each batch is submitted at once and the engine schedules
-it (up to `--max-num-seqs`), so only throughputs are measured: no TTFT.
+`max_tokens` tokens, `ignore_eos`). Each batch runs as a closed loop at its `--concurrency`
+(a new request enters the engine as soon as one finishes, as the servers are driven), so the
+throughputs compare at the same load; no TTFT is measured.
 
     python -m qwen_vl.benchmarks.offline --model DIR --workload single-image --num-requests 32 8 \\
         --seed 0 --max-tokens 64 --result-json out.json -- --dtype bfloat16 --max-model-len 2048
@@ -45,8 +46,24 @@ def engine_inputs(requests: list[Request], tokenizer) -> list[dict]:
     return inputs
 
 
-def run(model: str, engine_args: list[str], workload: str, batches: list[int], seed: int, max_tokens: int,
-        warmup: int) -> list[dict]:
+def closed_loop(engine, inputs: list[dict], params, concurrency: int) -> list:
+    """Run `inputs` through vLLM's LLMEngine with at most `concurrency` in flight."""
+    waiting = list(enumerate(inputs))
+    finished, in_flight = [], 0
+    while waiting or in_flight:
+        while waiting and in_flight < concurrency:
+            index, prompt = waiting.pop(0)
+            engine.add_request(f"offline-{index}", prompt, params)
+            in_flight += 1
+        for output in engine.step():
+            if output.finished:
+                finished.append(output)
+                in_flight -= 1
+    return finished
+
+
+def run(model: str, engine_args: list[str], workload: str, batches: list[int], concurrency: list[int], seed: int,
+        max_tokens: int, warmup: int) -> list[dict]:
     from vllm import LLM, SamplingParams
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -60,16 +77,17 @@ def run(model: str, engine_args: list[str], workload: str, batches: list[int], s
         llm.generate(engine_inputs(build_workload(workload, warmup, seed + 10_000, max_tokens), tokenizer),
                      params, use_tqdm=False)
     results = []
-    for index, count in enumerate(batches):
+    for index, (count, limit) in enumerate(zip(batches, concurrency)):
         inputs = engine_inputs(build_workload(workload, count, seed + index, max_tokens), tokenizer)
         started = time.perf_counter()
-        outputs = llm.generate(inputs, params, use_tqdm=False)
+        outputs = closed_loop(llm.llm_engine, inputs, params, limit)
         duration = time.perf_counter() - started
         total_input = sum(len(o.prompt_token_ids) for o in outputs)
         total_output = sum(len(o.outputs[0].token_ids) for o in outputs)
         results.append({
             "backend": "vllm-offline",
             "num_prompts": count,
+            "max_concurrency": limit,
             "duration": duration,
             "completed": len(outputs),
             "failed": count - len(outputs),
@@ -89,6 +107,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--model", required=True, help="checkpoint directory")
     parser.add_argument("--workload", choices=WORKLOADS, default="single-image")
     parser.add_argument("--num-requests", type=int, nargs="+", default=[32], help="one batch per value")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=None,
+                        help="requests in flight for each batch (default: all of it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=2, help="untimed requests first")
@@ -96,7 +116,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("engine_args", nargs=argparse.REMAINDER, help="after --: vLLM engine arguments")
     args = parser.parse_args(argv)
     engine_args = args.engine_args[1:] if args.engine_args[:1] == ["--"] else args.engine_args
-    results = run(args.model, engine_args, args.workload, args.num_requests, args.seed, args.max_tokens, args.warmup)
+    concurrency = args.concurrency or args.num_requests
+    if len(concurrency) != len(args.num_requests):
+        parser.error("--concurrency needs one value per --num-requests value")
+    results = run(args.model, engine_args, args.workload, args.num_requests, concurrency, args.seed, args.max_tokens,
+                  args.warmup)
     text = json.dumps(results, indent=2)
     if args.result_json:
         args.result_json.write_text(text + "\n")
