@@ -83,7 +83,8 @@ def start_server(checkpoint, log_path, *extra: str) -> tuple[subprocess.Popen, s
     with open(log_path, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    # Generous: a loaded 2-core machine has taken minutes to start a server.
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-5000:]}")

@@ -109,6 +109,8 @@ def run(args, extra: list[str], concurrency: int, duration: float | None, num_re
         "rss_end_mib": rss[-1] / 2**20,
         "rss_max_mib": max(rss) / 2**20,
         "rss_samples": len(rss),
+        # One sample a minute: growth that levels off is a cache filling, not a leak.
+        "rss_mib_each_minute": [round(value / 2**20) for t, value in sampler.samples if t % 60 < sampler.every],
     }
 
 
@@ -124,14 +126,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--factor", type=int, default=4, help="overload: multiple of the saturation sent")
     parser.add_argument("--requests", type=int, default=400, help="overload: requests sent")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--server-arg", action="append", default=[],
+                        help="more server arguments, e.g. --server-arg=--mm-processor-cache-gb=0")
     parser.add_argument("--out", default="bench-results", help="logs and the JSON result go here")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
     if args.mode == "soak":
-        result = run(args, [], args.concurrency, args.minutes * 60, None)
+        result = run(args, list(args.server_arg), args.concurrency, args.minutes * 60, None)
     else:
-        extra = ["--max-pending-requests", str(args.saturation)]
+        extra = ["--max-pending-requests", str(args.saturation), *args.server_arg]
         result = run(args, extra, args.saturation * args.factor, None, args.requests)
     path = Path(args.out) / f"{args.mode}.json"
     path.write_text(json.dumps(result, indent=2))
