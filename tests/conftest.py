@@ -71,6 +71,26 @@ API_KEY = "test-key"
 SERVED_MODEL = "qwen-vl-tiny"
 
 
+def launch(command: list[str], url: str, log_path) -> subprocess.Popen:
+    """Start a server process (output to `log_path`) and return once its
+    /health answers 200."""
+    with open(log_path, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    # Generous: a loaded 2-core machine has taken minutes to start a server.
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{command[2]} exited with {process.returncode}:\n{log_path.read_text()[-5000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    process.kill()
+    raise RuntimeError(f"{command[2]} not healthy in time:\n{log_path.read_text()[-5000:]}")
+
+
 def start_server(checkpoint, log_path, *extra: str) -> tuple[subprocess.Popen, str]:
     """`python -m qwen_vl.server` on a free loopback port, float32, with the
     test API key; returns once /health answers 200."""
@@ -80,22 +100,8 @@ def start_server(checkpoint, log_path, *extra: str) -> tuple[subprocess.Popen, s
         "--served-model-name", SERVED_MODEL, "--dtype", "float32", "--enforce-eager", "--seed", "0",
         "--api-key", API_KEY, *extra,
     ]
-    with open(log_path, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    # Generous: a loaded 2-core machine has taken minutes to start a server.
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-5000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    process.kill()
-    raise RuntimeError(f"server not healthy in time:\n{log_path.read_text()[-5000:]}")
+    return launch(command, url, log_path), url
 
 
 def stop_server(process: subprocess.Popen) -> None:
@@ -117,6 +123,31 @@ def server(tiny_checkpoint, tmp_path_factory):
     )
     yield url
     stop_server(process)
+
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 413: "invalid_request_error", 503: "service_unavailable_error"}
+
+
+def assert_error(response: httpx.Response, status: int, *, code=None, param=None, says: str = "") -> dict:
+    """`status` with exactly OpenAI's error object, no stack trace; returns the error."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert "Traceback" not in response.text
+    body = response.json()
+    assert list(body) == ["error"]
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == ERROR_TYPES[status]
+    assert isinstance(error["message"], str) and error["message"]
+    assert says.lower() in error["message"].lower(), error["message"]
+    assert error["code"] == code
+    assert error["param"] == param
+    return error
+
+
+def chat_body(content="Hello", **fields) -> dict:
+    return {"model": SERVED_MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 2, **fields}
 
 
 @pytest.fixture(scope="session")

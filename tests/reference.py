@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import API_KEY, SERVED_MODEL
+from tests.conftest import API_KEY, SERVED_MODEL, assert_error, chat_body
 from tests.images import pattern_image
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -30,24 +30,6 @@ def post(server: str, path: str, body=None, *, content: bytes | None = None) -> 
         content = json.dumps(body).encode()
     headers = {**AUTH, "Content-Type": "application/json"}
     return httpx.post(f"{server}{path}", content=content, headers=headers, timeout=120)
-
-
-def assert_refused(response: httpx.Response, *, code=None, param=None, says: str = "") -> dict:
-    """A 400 with OpenAI's error object; returns the error."""
-    assert response.status_code == 400, response.text
-    body = response.json()
-    assert list(body) == ["error"]
-    error = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["type"] == "invalid_request_error"
-    assert says.lower() in error["message"].lower(), error["message"]
-    assert error["code"] == code
-    assert error["param"] == param
-    return error
-
-
-def chat_body(content="Hello", **fields) -> dict:
-    return {"model": SERVED_MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 2, **fields}
 
 
 def with_image(data: bytes, mime: str = "image/png", **fields) -> dict:
@@ -79,42 +61,42 @@ def png_claiming(width: int, height: int) -> bytes:
 def test_a_truncated_png_is_an_invalid_image(server):
     whole = encoded(pattern_image(10, (128, 128)), "PNG")
     response = post(server, "/v1/chat/completions", with_image(whole[: len(whole) // 2]))
-    assert_refused(response, code="invalid_image", says="image 1: image data is corrupt or truncated")
+    assert_error(response, 400, code="invalid_image", says="image 1: image data is corrupt or truncated")
 
 
 def test_random_bytes_are_an_invalid_image(server):
     garbage = random.Random(0).randbytes(4096)
     response = post(server, "/v1/chat/completions", with_image(garbage))
-    assert_refused(response, code="invalid_image", says="image 1: image is not a valid")
+    assert_error(response, 400, code="invalid_image", says="image 1: image is not a valid")
 
 
 def test_an_image_of_zero_by_zero_pixels_is_an_invalid_image(server):
     response = post(server, "/v1/chat/completions", with_image(png_claiming(0, 0)))
-    assert_refused(response, code="invalid_image", says="image 1:")
+    assert_error(response, 400, code="invalid_image", says="image 1:")
 
 
 def test_a_one_by_100000_strip_is_too_large(server):
     strip = encoded(Image.new("L", (1, 100_000)), "PNG")
     response = post(server, "/v1/chat/completions", with_image(strip))
-    assert_refused(response, code="image_too_large", says="side is longer than 20000 pixels (1x100000)")
+    assert_error(response, 400, code="image_too_large", says="side is longer than 20000 pixels (1x100000)")
 
 
 def test_a_few_bytes_claiming_20000_by_20000_pixels_are_too_large(server):
     bomb = png_claiming(20_000, 20_000)
     assert len(bomb) < 200
     response = post(server, "/v1/chat/completions", with_image(bomb))
-    assert_refused(response, code="image_too_large", says="more than 40000000 pixels")
+    assert_error(response, 400, code="image_too_large", says="more than 40000000 pixels")
 
 
 def test_non_ascii_characters_in_a_data_url_are_not_base64(server):
     url = "data:image/png;base64,iVBOR\u00e9w0KGgo="
     body = chat_body([{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Hi"}])
-    assert_refused(post(server, "/v1/chat/completions", body), code="invalid_image", says="not valid base64")
+    assert_error(post(server, "/v1/chat/completions", body), 400, code="invalid_image", says="not valid base64")
 
 
 def test_non_ascii_characters_in_a_completion_image_url_are_not_base64(server):
     body = {"model": SERVED_MODEL, "prompt": "<img>data:image/png;base64,\u00e9\u00e9</img>Hi", "max_tokens": 2}
-    assert_refused(post(server, "/v1/completions", body), code="invalid_image", says="not valid base64")
+    assert_error(post(server, "/v1/completions", body), 400, code="invalid_image", says="not valid base64")
 
 
 # ---- image formats beyond RGB: accepted, answered as their RGB pixels -------------
@@ -178,7 +160,7 @@ def test_an_image_format_is_answered_as_its_rgb_pixels(server, make, mime, mode)
     ids=["nested arrays", "nested messages", "nested objects"],
 )
 def test_json_nested_100000_levels_deep_is_refused(server, content):
-    assert_refused(post(server, "/v1/chat/completions", content=content), says="error parsing the body")
+    assert_error(post(server, "/v1/chat/completions", content=content), 400, says="error parsing the body")
 
 
 def test_a_history_of_50000_messages_is_answered_or_refused_for_its_length(server):
@@ -188,12 +170,12 @@ def test_a_history_of_50000_messages_is_answered_or_refused_for_its_length(serve
     messages.append({"role": "user", "content": "And now?"})
     response = post(server, "/v1/chat/completions", {"model": SERVED_MODEL, "messages": messages, "max_tokens": 2})
     # History is dropped oldest first at max_window_size (6144), which is more than the 2048 context.
-    assert_refused(response, code="context_length_exceeded", param="messages", says="context is 2048 tokens")
+    assert_error(response, 400, code="context_length_exceeded", param="messages", says="context is 2048 tokens")
 
 
 def test_100000_text_parts_in_one_message_are_refused_for_their_length(server):
     body = chat_body([{"type": "text", "text": "word "}] * 100_000)
-    assert_refused(post(server, "/v1/chat/completions", body), code="context_length_exceeded", param="messages")
+    assert_error(post(server, "/v1/chat/completions", body), 400, code="context_length_exceeded", param="messages")
 
 
 @pytest.mark.parametrize("field", ["temperature", "top_p", "presence_penalty", "repetition_penalty"])
@@ -201,7 +183,7 @@ def test_100000_text_parts_in_one_message_are_refused_for_their_length(server):
 def test_non_finite_sampling_values_are_refused(server, field, value):
     # Python's json module reads these non-standard literals; pydantic's bounds must still refuse them.
     content = json.dumps(chat_body()).replace('"max_tokens": 2', f'"max_tokens": 2, "{field}": {value}').encode()
-    assert_refused(post(server, "/v1/chat/completions", content=content), code="invalid_value", param=field)
+    assert_error(post(server, "/v1/chat/completions", content=content), 400, code="invalid_value", param=field)
 
 
 @pytest.mark.parametrize("path, body", [
@@ -215,7 +197,7 @@ def test_a_lone_surrogate_escape_in_text_is_refused(server, path, body):
     # Valid JSON ("\ud800"), but no Unicode text: the tokenizer cannot take it.
     content = json.dumps(body).replace("@@", "a\\ud800b").encode()
     param = "prompt" if path == "/v1/completions" else "messages"
-    assert_refused(post(server, path, content=content), param=param, says="lone surrogate")
+    assert_error(post(server, path, content=content), 400, param=param, says="lone surrogate")
 
 
 # ---- absurd parameters and shapes --------------------------------------------------
@@ -224,7 +206,7 @@ def test_a_lone_surrogate_escape_in_text_is_refused(server, path, body):
 @pytest.mark.parametrize("max_tokens", [10**12, 10**30])
 def test_max_tokens_beyond_any_context_is_refused(server, max_tokens):
     response = post(server, "/v1/chat/completions", chat_body(max_tokens=max_tokens))
-    assert_refused(response, code="context_length_exceeded", param="max_tokens", says=f"max_tokens={max_tokens}")
+    assert_error(response, 400, code="context_length_exceeded", param="max_tokens", says=f"max_tokens={max_tokens}")
 
 
 @pytest.mark.parametrize("fields, param", [
@@ -234,18 +216,18 @@ def test_max_tokens_beyond_any_context_is_refused(server, max_tokens):
     ({"max_tokens": 2.5}, "max_tokens"),
 ])
 def test_out_of_range_integers_are_refused(server, fields, param):
-    assert_refused(post(server, "/v1/chat/completions", chat_body(**fields)), code="invalid_value", param=param)
+    assert_error(post(server, "/v1/chat/completions", chat_body(**fields)), 400, code="invalid_value", param=param)
 
 
 def test_a_grounding_image_beyond_any_count_is_refused(server):
     response = post(server, "/v1/chat/completions", chat_body(grounding_image=10**30))
-    assert_refused(response, param="grounding_image", says="has 0 image(s)")
+    assert_error(response, 400, param="grounding_image", says="has 0 image(s)")
 
 
 @pytest.mark.parametrize("role", ["tool", "developer", "function", "", None])
 def test_roles_qwen_vl_chat_does_not_have_are_refused(server, role):
     body = {"model": SERVED_MODEL, "messages": [{"role": role, "content": "Hi"}], "max_tokens": 2}
-    assert_refused(post(server, "/v1/chat/completions", body), code="invalid_value", param="messages.0.role")
+    assert_error(post(server, "/v1/chat/completions", body), 400, code="invalid_value", param="messages.0.role")
 
 
 @pytest.mark.parametrize("part", ["just a string", {"text": "no type"}, {"type": "input_audio", "input_audio": {}},
@@ -265,22 +247,22 @@ def test_an_empty_user_message_is_answered(server, content):
 
 def test_a_conversation_of_only_a_system_message_is_refused(server):
     body = {"model": SERVED_MODEL, "messages": [{"role": "system", "content": "Be brief."}], "max_tokens": 2}
-    assert_refused(post(server, "/v1/chat/completions", body), param="messages", says="must come from the user")
+    assert_error(post(server, "/v1/chat/completions", body), 400, param="messages", says="must come from the user")
 
 
 def test_a_100000_character_word_is_refused_for_its_length(server):
     response = post(server, "/v1/chat/completions", chat_body("a" * 100_000))
-    assert_refused(response, code="context_length_exceeded", param="messages", says="context is 2048 tokens")
+    assert_error(response, 400, code="context_length_exceeded", param="messages", says="context is 2048 tokens")
 
 
 def test_a_100000_character_completion_prompt_is_refused_for_its_length(server):
     body = {"model": SERVED_MODEL, "prompt": "漢字" * 50_000, "max_tokens": 2}
-    assert_refused(post(server, "/v1/completions", body), code="context_length_exceeded", param="prompt")
+    assert_error(post(server, "/v1/completions", body), 400, code="context_length_exceeded", param="prompt")
 
 
 def test_an_empty_completion_prompt_is_refused(server):
     body = {"model": SERVED_MODEL, "prompt": "", "max_tokens": 2}
-    assert_refused(post(server, "/v1/completions", body), param="prompt", says="the prompt is empty")
+    assert_error(post(server, "/v1/completions", body), 400, param="prompt", says="the prompt is empty")
 
 
 def test_a_stop_sequence_of_a_million_characters_is_harmless(server):

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from PIL import Image
 from vllm import SamplingParams
 
 from qwen_vl.model_executor.processor import ImageCountMismatch, empty_image_spans, image_spans, preprocess_image

@@ -13,36 +13,11 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.conftest import API_KEY, SERVED_MODEL
+from tests.conftest import API_KEY, SERVED_MODEL, assert_error, chat_body
 from tests.images import pattern_image
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MIB = 1024 * 1024
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 413: "invalid_request_error"}
-
-
-def assert_error(response: httpx.Response, status: int, *, code=None, param=None, says: str = "") -> dict:
-    """The response is `status` with OpenAI's error object; returns the error."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/json"
-    assert "Traceback" not in response.text
-    body = response.json()
-    assert list(body) == ["error"]
-    error = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["type"] == ERROR_TYPES[status]
-    assert isinstance(error["message"], str) and error["message"]
-    assert says.lower() in error["message"].lower(), error["message"]
-    assert error["code"] == code
-    assert error["param"] == param
-    return error
-
-
-def chat_body(content="Hello", **fields) -> dict:
-    return {"model": SERVED_MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 2, **fields}
-
-
 def post(server: str, path: str, body=None, *, content: bytes | None = None, headers=AUTH) -> httpx.Response:
     if content is not None:
         headers = {**headers, "Content-Type": "application/json"}

@@ -3,15 +3,12 @@ the original prompt, so the same messages reach the same token ids as through ou
 
 import base64
 import io
-import signal
-import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
-from tests.conftest import API_KEY, SERVED_MODEL, free_port
+from tests.conftest import API_KEY, SERVED_MODEL, free_port, launch, stop_server
 from tests.images import pattern_image
 
 
@@ -27,28 +24,10 @@ def vllm_server(tiny_checkpoint, tmp_path_factory):
         "--host", "127.0.0.1", "--served-model-name", SERVED_MODEL, "--dtype", "float32", "--enforce-eager",
         "--seed", "0", "--max-model-len", "2048",
     ]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"vllm serve exited with {process.returncode}:\n{log.read_text()[-5000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
-        process.kill()
-        raise RuntimeError(f"vllm serve not healthy in time:\n{log.read_text()[-5000:]}")
+    process = launch(command, url, log)
     yield url
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    stop_server(process)
 
 
 def _data_url(image) -> str:

@@ -233,7 +233,9 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
         top = body.top_logprobs or 0
         job = await prepare(
             body, lambda: state["builder"].chat(body.messages), endpoint="chat", prefix="chatcmpl",
-            stop_token_ids=CHAT_STOP_TOKEN_IDS, logprobs=top if body.logprobs else None,
+            # ignore_eos asks for exactly max_tokens tokens: the chat's end
+            # tokens are its end-of-sequence too.
+            stop_token_ids=[] if body.ignore_eos else CHAT_STOP_TOKEN_IDS, logprobs=top if body.logprobs else None,
         )
         images = job.images
         if body.grounding_image is not None and body.grounding_image >= len(images):

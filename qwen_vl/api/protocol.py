@@ -61,6 +61,7 @@ class SamplingFields(Request):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    # vLLM's extension: generate exactly max_tokens (chat: <|im_end|> does not stop it either).
     ignore_eos: bool = False
     user: str | None = None
 
