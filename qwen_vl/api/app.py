@@ -202,7 +202,7 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
         return ModelList(data=[ModelCard(id=settings.served_model_name, max_model_len=engine.max_model_len)])
 
     async def prepare(body, build_prompt, *, endpoint: str, prefix: str, stop_token_ids: list[int],
-                      logprobs: int | None) -> generation.Job:
+                      logprobs: int | None, grounding_image: int | None = None) -> generation.Job:
         """Validate (cheap checks first), admit, then fetch the images."""
         check_model(body.model)
         try:
@@ -210,6 +210,9 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
             prompt = await asyncio.to_thread(build_prompt)
         except PromptError as e:
             raise APIError(400, str(e), param=e.param) from e
+        if grounding_image is not None and grounding_image >= len(prompt.image_urls):
+            raise APIError(400, f"grounding_image={grounding_image} but the conversation has "
+                           f"{len(prompt.image_urls)} image(s)", param="grounding_image")
         params = sampling_params(
             body, state["defaults"],
             prompt_tokens=len(prompt.token_ids), max_model_len=engine.max_model_len,
@@ -236,12 +239,9 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
             # ignore_eos asks for exactly max_tokens tokens: the chat's end
             # tokens are its end-of-sequence too.
             stop_token_ids=[] if body.ignore_eos else CHAT_STOP_TOKEN_IDS, logprobs=top if body.logprobs else None,
+            grounding_image=body.grounding_image,
         )
         images = job.images
-        if body.grounding_image is not None and body.grounding_image >= len(images):
-            job.ticket.release()
-            raise APIError(400, f"grounding_image={body.grounding_image} but the conversation has {len(images)} image(s)",
-                           param="grounding_image")
         if body.stream:
             return StreamingResponse(chat_stream(body, job), media_type="text/event-stream")
         choices = await generation.run_to_end(request, engine, job)
