@@ -18,7 +18,18 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from qwen_vl.server.settings import parse
 
-    settings, engine_args = parse(argv)
+    settings, engine_args, args = parse(argv)
+    from qwen_vl.server.cpu import apply_cpu_defaults
+
+    # Before the engine starts: its processes read these variables.
+    apply_cpu_defaults(engine_args, settings.cpu_threads_bind, settings.cpu_preload)
+    if settings.headless:
+        from vllm.entrypoints.cli.serve import run_headless
+
+        # The frontend-only settings its runner reads; this node serves no API.
+        args.api_server_count, args.reasoning_parser_plugin = 1, None
+        run_headless(args)
+        return
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )

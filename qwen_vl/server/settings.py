@@ -34,6 +34,9 @@ class Settings:
     allow_private_image_urls: bool
     image_local_root: Path | None
     log_level: str
+    cpu_threads_bind: str | None
+    cpu_preload: bool
+    headless: bool
 
 
 def env_name(dest: str) -> str:
@@ -115,6 +118,24 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--image-local-root", type=Path, default=None,
         help="directory under which local image paths (file://) may be read; unset = none",
     )
+    group.add_argument(
+        "--headless", action="store_true",
+        help="multi-node: run this node's engine workers only, no HTTP server (with --nnodes N, --node-rank R "
+        "> 0 and --master-addr of node 0, which serves the API); vLLM's headless runner",
+    )
+    cpu = parser.add_argument_group("CPU platform")
+    cpu.add_argument(
+        "--cpu-threads-bind", default=None, metavar="BIND",
+        help="cores the engine's ranks compute on, in vLLM's VLLM_CPU_OMP_THREADS_BIND syntax ('0-3'; one "
+        "group per rank: '0-1|2-3'; 'auto' = vLLM's default, which keeps a core per rank free; 'nobind'). "
+        "Unset: every allowed core, one thread per physical core, split evenly among the ranks on this node. "
+        "VLLM_CPU_OMP_THREADS_BIND in the environment, if set, wins",
+    )
+    cpu.add_argument(
+        "--cpu-preload", action=argparse.BooleanOptionalAction, default=True,
+        help="preload tcmalloc and Intel's OpenMP (libiomp5) into the engine's processes when installed and "
+        "LD_PRELOAD is unset (vLLM asks for both)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str] | None = None):
-    """-> (Settings, vLLM AsyncEngineArgs)."""
+    """-> (Settings, vLLM AsyncEngineArgs, the parsed namespace: vLLM's headless runner reads it)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     args = build_parser().parse_args(argv)
@@ -181,5 +202,8 @@ def parse(argv: list[str] | None = None):
         image_local_root=args.image_local_root,
         # vLLM's own --log-level (None unless given) also sets ours.
         log_level=(getattr(args, "log_level", None) or "info").lower(),
+        cpu_threads_bind=args.cpu_threads_bind,
+        cpu_preload=args.cpu_preload,
+        headless=args.headless,
     )
-    return settings, engine_args
+    return settings, engine_args, args
