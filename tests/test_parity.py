@@ -38,16 +38,16 @@ def parity_cases(ref_tokenizer):
     return cases(ref_tokenizer)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "text only",
-        "one image",
-        "two images in one query",
-        "ref and box in the query",
-        "multi-turn with an image in the history",
-    ],
-)
+CASE_NAMES = [
+    "text only",
+    "one image",
+    "two images in one query",
+    "ref and box in the query",
+    "multi-turn with an image in the history",
+]
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
 def test_greedy_tokens_and_first_step_logprobs_match_reference(name, parity_cases, engine, reference):
     prompt_ids, images = parity_cases[name]
     assert_matches_reference(engine, prompt_ids, images, reference.generate_greedy(prompt_ids, images, max_new_tokens=16))
