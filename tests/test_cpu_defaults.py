@@ -80,6 +80,16 @@ def test_an_explicit_environment_wins(clean_environment, monkeypatch):
     assert os.environ["LD_PRELOAD"] == "libmine.so"
 
 
+@pytest.mark.parametrize(
+    ("flags", "kv_cache"),
+    [([], "2"), (["--pipeline-parallel-size", "2"], "2"), (["--pipeline-parallel-size", "2", "--enforce-eager"], None)],
+)
+def test_kv_cache_default_except_where_vllm_needs_its_warm_up_run(clean_environment, monkeypatch, flags, kv_cache):
+    monkeypatch.delenv(cpu.KV_CACHE_ENV, raising=False)
+    cpu.apply_cpu_defaults(engine_args(*flags), None, preload=False)
+    assert os.environ.get(cpu.KV_CACHE_ENV) == kv_cache
+
+
 def test_help_documents_the_cpu_settings():
     text = build_parser().format_help()
     for line in ("--cpu-threads-bind", "QWEN_VL_CPU_THREADS_BIND", "--cpu-preload", "QWEN_VL_CPU_PRELOAD",

@@ -6,16 +6,11 @@ requests in flight finish within the grace period), 1 if the engine died,
 so that an orchestrator restarts the process."""
 
 import logging
-import os
 import signal
 import sys
 
 
 def main(argv: list[str] | None = None) -> None:
-    # On CPU, vLLM otherwise sizes its KV cache as a fraction of all RAM and
-    # refuses to start when the page cache makes "available" look small.
-    # Ignored on GPUs.
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from qwen_vl.server.settings import parse
 
     settings, engine_args, args = parse(argv)

@@ -1,4 +1,5 @@
-"""Defaults that make vLLM's CPU platform use the whole machine.
+"""Defaults that make vLLM's CPU platform use the whole machine, and a KV
+cache size that fits it (2 GiB unless VLLM_CPU_KVCACHE_SPACE says otherwise).
 
 vLLM binds each engine rank's OpenMP threads to the cores in
 `VLLM_CPU_OMP_THREADS_BIND`. Its default (`auto`) keeps one core per rank
@@ -22,6 +23,8 @@ import sys
 from pathlib import Path
 
 BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+KV_CACHE_GIB = "2"
 
 
 def local_ranks(engine_args) -> int:
@@ -89,12 +92,19 @@ def preload_libraries() -> list[str]:
 
 
 def apply_cpu_defaults(engine_args, threads_bind_setting: str | None, preload: bool) -> None:
-    """Set the binding and the preloads in os.environ for vLLM's engine
-    processes; nothing on other platforms or where the user already chose."""
+    """Set the KV cache size, the binding and the preloads in os.environ for
+    vLLM's engine processes; nothing on other platforms or where the user
+    already chose."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
         return
+    # Without a size, vLLM sizes its KV cache as a share of all RAM (--gpu-memory-utilization)
+    # and refuses to start when the page cache makes "available" look small. Except under
+    # pipeline parallelism in eager mode: vLLM 0.32 allocates the buffers a later stage receives
+    # into only in its warm-up run, which it skips in eager mode when the size is explicit.
+    if KV_CACHE_ENV not in os.environ and not (engine_args.pipeline_parallel_size > 1 and engine_args.enforce_eager):
+        os.environ[KV_CACHE_ENV] = KV_CACHE_GIB
     if BIND_ENV not in os.environ:
         os.environ[BIND_ENV] = threads_bind_setting or threads_bind(local_ranks(engine_args), allowed_cpus())
     if preload and "LD_PRELOAD" not in os.environ:
