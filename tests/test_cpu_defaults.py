@@ -80,14 +80,15 @@ def test_an_explicit_environment_wins(clean_environment, monkeypatch):
     assert os.environ["LD_PRELOAD"] == "libmine.so"
 
 
-@pytest.mark.parametrize(
-    ("flags", "kv_cache"),
-    [([], "2"), (["--pipeline-parallel-size", "2"], "2"), (["--pipeline-parallel-size", "2", "--enforce-eager"], None)],
-)
-def test_kv_cache_default_except_where_vllm_needs_its_warm_up_run(clean_environment, monkeypatch, flags, kv_cache):
+def test_kv_cache_gets_a_size_that_fits(clean_environment, monkeypatch):
     monkeypatch.delenv(cpu.KV_CACHE_ENV, raising=False)
-    cpu.apply_cpu_defaults(engine_args(*flags), None, preload=False)
-    assert os.environ.get(cpu.KV_CACHE_ENV) == kv_cache
+    cpu.apply_cpu_defaults(engine_args(), None, preload=False)
+    assert os.environ[cpu.KV_CACHE_ENV] == "2"
+
+
+def test_eager_pipeline_parallelism_is_refused_at_start_saying_what_works(clean_environment):
+    with pytest.raises(ValueError, match="drop --enforce-eager"):
+        cpu.apply_cpu_defaults(engine_args("--pipeline-parallel-size", "2", "--enforce-eager"), None, preload=False)
 
 
 def test_help_documents_the_cpu_settings():

@@ -99,12 +99,17 @@ def apply_cpu_defaults(engine_args, threads_bind_setting: str | None, preload: b
 
     if not current_platform.is_cpu():
         return
-    # Without a size, vLLM sizes its KV cache as a share of all RAM (--gpu-memory-utilization)
-    # and refuses to start when the page cache makes "available" look small. Except under
-    # pipeline parallelism in eager mode: vLLM 0.32 allocates the buffers a later stage receives
-    # into only in its warm-up run, which it skips in eager mode when the size is explicit.
-    if KV_CACHE_ENV not in os.environ and not (engine_args.pipeline_parallel_size > 1 and engine_args.enforce_eager):
-        os.environ[KV_CACHE_ENV] = KV_CACHE_GIB
+    if engine_args.pipeline_parallel_size > 1 and engine_args.enforce_eager:
+        # vLLM 0.32's CPU worker allocates the buffers a later stage receives into only in its
+        # warm-up run, which it skips in eager mode: the first request would kill the engine.
+        raise ValueError(
+            "pipeline parallelism on vLLM's CPU platform needs its warm-up run, which --enforce-eager skips: "
+            "drop --enforce-eager, or trace once without compiling: "
+            "--compilation-config '{\"mode\": 2, \"backend\": \"eager\"}'"
+        )
+    # Without a size, vLLM sizes its KV cache as a share of all RAM and refuses to start
+    # when the page cache makes "available" look small.
+    os.environ.setdefault(KV_CACHE_ENV, KV_CACHE_GIB)
     if BIND_ENV not in os.environ:
         os.environ[BIND_ENV] = threads_bind_setting or threads_bind(local_ranks(engine_args), allowed_cpus())
     if preload and "LD_PRELOAD" not in os.environ:
