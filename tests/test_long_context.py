@@ -9,6 +9,7 @@ import pytest
 from vllm import SamplingParams
 
 from qwen_vl.model_executor.config import QWenConfig
+from tests.conftest import SERVED_MODEL
 from tests.images import pattern_image
 from tests.reference import ntk_alpha as reference_ntk_alpha
 
@@ -175,3 +176,42 @@ def test_prompts_of_one_alpha_share_their_cached_prefix(shared_prefix_prompts, e
         output = engine.generate([request(ids, [])], GREEDY, use_tqdm=False)[0]
         assert list(output.outputs[0].token_ids) == expected_tokens, name
     assert output.num_cached_tokens >= 1024  # the system message's full blocks
+
+
+# ---- through our server --------------------------------------------------------------------
+
+
+def test_a_long_chat_with_image_turns_through_the_server_equals_offline_greedy(client, engine, ref_tokenizer):
+    from tests.test_server_chat import data_url, image_part, offline_answer
+
+    first, second, third = (pattern_image(500 + i, (400, 300)) for i in range(3))
+    turns = [("Describe both. " + words(900, 30), words(300, 31)), ("And now? " + words(700, 32), words(200, 33))]
+    history = [
+        (ref_tokenizer.from_list_format([{"image": "a"}, {"image": "b"}, {"text": turns[0][0]}]), turns[0][1]),
+        (turns[1][0], turns[1][1]),
+    ]
+    query = ref_tokenizer.from_list_format([{"image": "c"}, {"text": "Which of the three is brightest?"}])
+    prompt_ids = ref_tokenizer.make_context(query, history=history)
+    assert len(prompt_ids) > 3000  # alpha 3
+    expected = offline_answer(engine, prompt_ids, [first, second, third])
+
+    messages = [
+        {"role": "user", "content": [image_part(data_url(first)), image_part(data_url(second)),
+                                     {"type": "text", "text": turns[0][0]}]},
+        {"role": "assistant", "content": turns[0][1]},
+        {"role": "user", "content": turns[1][0]},
+        {"role": "assistant", "content": turns[1][1]},
+        {"role": "user", "content": [image_part(data_url(third)), {"type": "text", "text": "Which of the three is brightest?"}]},
+    ]
+    answer = client.chat.completions.create(model=SERVED_MODEL, messages=messages, temperature=0, max_tokens=16)
+    assert answer.usage.prompt_tokens == len(prompt_ids)
+    assert answer.choices[0].message.content == expected
+
+
+def test_a_long_completion_prompt_through_the_server_equals_offline_greedy(client, engine):
+    prompt = words(3500, 40)
+    expected = engine.generate(prompt, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)[0]
+    assert len(expected.prompt_token_ids) > 3000
+    answer = client.completions.create(model=SERVED_MODEL, prompt=prompt, temperature=0, max_tokens=16)
+    assert answer.usage.prompt_tokens == len(expected.prompt_token_ids)
+    assert answer.choices[0].text == expected.outputs[0].text
