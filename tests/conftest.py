@@ -42,7 +42,7 @@ def engine(tiny_checkpoint):
     the tests look at."""
     from vllm import LLM
 
-    llm = LLM(model=str(tiny_checkpoint), dtype="float32", enforce_eager=True, max_model_len=2048, seed=0)
+    llm = LLM(model=str(tiny_checkpoint), dtype="float32", enforce_eager=True, seed=0)
     yield llm
     llm.llm_engine.engine_core.shutdown()
 

@@ -43,8 +43,9 @@ def test_real_config_loads_through_vllm(real_dir):
     assert config.rope_theta == 10000 and config.partial_rotary_factor == 1.0
 
 
-def test_vllm_derives_max_model_len_from_seq_length(real_dir):
-    # vLLM takes the smallest of the length keys it knows: seq_length 2048, not 8192.
+def test_vllm_derives_max_model_len_from_max_position_embeddings(real_dir):
+    # With dynamic NTK the original answers up to max_position_embeddings (8192), not only
+    # up to its training length seq_length (2048), the smallest length key vLLM knows.
     import vllm.config  # noqa: F401  (initialises vllm.config before the convertor module)
     from vllm.transformers_utils.config import get_config
     from vllm.transformers_utils.model_arch_config_convertor import ModelArchConfigConvertorBase
@@ -52,4 +53,4 @@ def test_vllm_derives_max_model_len_from_seq_length(real_dir):
     register_config()
     config = get_config(real_dir, trust_remote_code=False)
     convertor = ModelArchConfigConvertorBase(config, config.get_text_config())
-    assert convertor.derive_max_model_len_and_key() == (2048, "seq_length")
+    assert convertor.derive_max_model_len_and_key() == (8192, "model_max_length")

@@ -100,26 +100,26 @@ def test_a_local_image_path_is_not_allowed_without_a_local_root(server, url):
 
 
 def test_a_prompt_longer_than_the_context_is_refused(server):
-    response = post(server, "/v1/chat/completions", chat_body(" ".join(["word"] * 3000)))
-    assert_error(response, 400, code="context_length_exceeded", param="messages", says="context is 2048 tokens")
+    response = post(server, "/v1/chat/completions", chat_body(" ".join(["word"] * 9000)))
+    assert_error(response, 400, code="context_length_exceeded", param="messages", says="context is 8192 tokens")
 
 
 def test_a_completion_prompt_longer_than_the_context_is_refused(server):
-    body = {"model": SERVED_MODEL, "prompt": " ".join(["word"] * 3000), "max_tokens": 2}
+    body = {"model": SERVED_MODEL, "prompt": " ".join(["word"] * 9000), "max_tokens": 2}
     response = post(server, "/v1/completions", body)
-    assert_error(response, 400, code="context_length_exceeded", param="prompt", says="context is 2048 tokens")
+    assert_error(response, 400, code="context_length_exceeded", param="prompt", says="context is 8192 tokens")
 
 
 def test_max_tokens_beyond_the_remaining_context_is_refused(server):
-    response = post(server, "/v1/chat/completions", chat_body(max_tokens=2040))
-    assert_error(response, 400, code="context_length_exceeded", param="max_tokens", says="max_tokens=2040 does not fit")
+    response = post(server, "/v1/chat/completions", chat_body(max_tokens=8190))
+    assert_error(response, 400, code="context_length_exceeded", param="max_tokens", says="max_tokens=8190 does not fit")
 
 
 def test_max_completion_tokens_beyond_the_remaining_context_is_refused(server):
-    body = chat_body(max_completion_tokens=5000)
+    body = chat_body(max_completion_tokens=9000)
     del body["max_tokens"]
     response = post(server, "/v1/chat/completions", body)
-    assert_error(response, 400, code="context_length_exceeded", param="max_tokens", says="max_tokens=5000")
+    assert_error(response, 400, code="context_length_exceeded", param="max_tokens", says="max_tokens=9000")
 
 
 # ---- parameters --------------------------------------------------------------

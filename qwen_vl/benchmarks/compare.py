@@ -17,8 +17,13 @@ Both vLLM-based servers get identical engine arguments (`--dtype`, `--max-model-
 is waited for (/health), measured at every concurrency level (closed loop; the requests of
 level i are built with seed + i, so no level re-sends another's prompts), and stopped before the
 next starts. The checkpoint is written once into the project cache (`--preset`) unless `--model`
+<<<<<<< HEAD
 names one. Results: the markdown report (`--markdown`, default BENCHMARKS.md: the table, the
 command, the machine; its own section of the file, other sections are kept) and its plot (BENCHMARKS.png); raw figures in `--out-dir`
+=======
+names one. Results: a section of the markdown report (`--markdown`, default BENCHMARKS.md: the
+table, the command, the machine; other sections are kept) and its plot (BENCHMARKS.png); raw figures in `--out-dir`
+>>>>>>> main
 (default bench-results/: results.json, one JSON per run, every server's log). Everything is real: a system that fails is reported as failed, never estimated.
 """
 
@@ -38,6 +43,7 @@ from pathlib import Path
 import httpx
 
 from .load import benchmark
+from .report import replace_section
 from .workloads import WORKLOADS, build_workload
 
 SYSTEMS = ("ours", "vllm", "offline", "baseline")
@@ -52,6 +58,7 @@ SERVED_MODEL = "qwen-vl-bench"
 # Targets at the highest concurrency (issue 4): output throughput ratio of ours to each peer.
 TARGETS = {"vllm": 1.0, "offline": 0.9, "baseline": 10.0}
 TTFT_TARGET_VS_VLLM = 1.05
+SECTION = "Side by side: this server and its peers"
 
 
 def checkpoint_for(preset: str) -> Path:
@@ -325,8 +332,6 @@ def write_report(path: Path, runs: list[dict], args, command: str, model: Path, 
     errors = [f"- {r['system']}: {r['error']}" for r in runs if "error" in r]
     plot_ref = os.path.relpath(plot_path, path.parent) if plot_path else None
     text = [
-        "# Benchmarks",
-        "",
         "Written by `python -m qwen_vl.benchmarks.compare` from the runs below; every figure is measured.",
         "",
         "```bash",
@@ -359,7 +364,11 @@ def write_report(path: Path, runs: list[dict], args, command: str, model: Path, 
         text += [f"![output throughput and TTFT against concurrency]({plot_ref})", ""]
     if errors:
         text += ["Failed systems:", "", *errors, ""]
+<<<<<<< HEAD
     replace_section(path, "compare", "\n".join(text))
+=======
+    replace_section(path, SECTION, text)
+>>>>>>> main
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,8 @@ before any timing starts.
     same-image    one image shared by every request (the processor and prefix caches)
     grounding     one image and a grounding prompt ("Generate the caption with grounding:", <ref>...)
     mixed         each request drawn from the five above
+    long-conversation  8 images over three user turns (3, 3, 2) with two assistant answers and
+                  long texts: ~4-5k prompt tokens, past seq_length (dynamic NTK alpha 3 or 7)
 """
 
 import base64
@@ -21,7 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-WORKLOADS = ("single-image", "multi-image", "text", "same-image", "grounding", "mixed")
+WORKLOADS = ("single-image", "multi-image", "text", "same-image", "grounding", "mixed", "long-conversation")
+MIXED_KINDS = ("single-image", "multi-image", "text", "same-image", "grounding")
 
 QUESTIONS = (
     "What is in this picture?",
@@ -134,6 +137,23 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
+def _words(rng: np.random.Generator, low: int, high: int) -> str:
+    return " ".join(rng.choice(WORDS, size=int(rng.integers(low, high + 1))).tolist())
+
+
+def _long_conversation(rng: np.random.Generator, max_tokens: int) -> Request:
+    messages, images, image_bytes = [], 0, 0
+    for turn, count in enumerate((3, 3, 2)):
+        urls = [_random_image_url(rng) for _ in range(count)]
+        images, image_bytes = images + count, image_bytes + sum(len(u) for u in urls)
+        last = turn == 2
+        question = _words(rng, 250, 350) + "\n" + _pick(rng, MULTI_IMAGE_QUESTIONS)
+        messages.append(_user_message(urls, question))
+        if not last:
+            messages.append({"role": "assistant", "content": _words(rng, 500, 650)})
+    return Request("long-conversation", messages, max_tokens, images, image_bytes)
+
+
 def build_workload(name: str, num_requests: int, seed: int = 0, max_tokens: int = 64) -> list[Request]:
     """`num_requests` requests of workload `name`; the same seed gives the same requests."""
     if name not in WORKLOADS:
@@ -142,8 +162,10 @@ def build_workload(name: str, num_requests: int, seed: int = 0, max_tokens: int 
     shared = _random_image_url(np.random.default_rng([seed, 1])) if name in ("same-image", "mixed") else None
     requests = []
     for _ in range(num_requests):
-        kind = _pick(rng, WORKLOADS[:-1]) if name == "mixed" else name
-        if kind == "single-image":
+        kind = _pick(rng, MIXED_KINDS) if name == "mixed" else name
+        if kind == "long-conversation":
+            requests.append(_long_conversation(rng, max_tokens))
+        elif kind == "single-image":
             requests.append(_request(kind, [_random_image_url(rng)], _pick(rng, QUESTIONS), max_tokens))
         elif kind == "multi-image":
             urls = [_random_image_url(rng) for _ in range(int(rng.integers(2, 5)))]

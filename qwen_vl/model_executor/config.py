@@ -6,6 +6,7 @@ transformers and vLLM load that file with `trust_remote_code=False`: both consul
 registered model type before they would consider the remote code.
 """
 
+import math
 from dataclasses import field
 
 import transformers
@@ -63,6 +64,31 @@ class QWenConfig(transformers.PretrainedConfig):
     tie_word_embeddings: bool = False
     tokenizer_type: str = "QWenTokenizer"
     visual: dict = field(default_factory=_real_visual)
+
+    def ntk_alpha(self, prompt_length: int) -> int:
+        """The original's dynamic-NTK alpha for a prompt of `prompt_length`
+        positions (images included, 258 each), decided once at prefill:
+        1 up to seq_length (2048), then 3 up to 4096, 7 up to 8192, ..."""
+        if not self.use_dynamic_ntk or prompt_length <= self.seq_length:
+            return 1
+        context_value = math.log(prompt_length / self.seq_length, 2) + 1
+        return max(2 ** math.ceil(context_value) - 1, 1)
+
+    @property
+    def model_max_length(self) -> int:
+        """The longest context vLLM serves by default. With dynamic NTK the
+        original answers up to max_position_embeddings (8192), not just its
+        training length `seq_length`, which vLLM would otherwise pick as the
+        smallest of the length keys it knows."""
+        return self.max_position_embeddings if self.use_dynamic_ntk else self.seq_length
+
+    @property
+    def mrope_section(self) -> list[int]:
+        """Makes vLLM ask the model for each request's positions
+        (`get_mrope_input_positions`), the route of dynamic NTK (rotary.py).
+        Qwen's rotary itself is 1-D: the three rows vLLM keeps are equal."""
+        head_dim = self.hidden_size // self.num_attention_heads
+        return [head_dim // 2, 0, 0]
 
 
 def register_config() -> None:

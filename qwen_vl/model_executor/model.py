@@ -8,7 +8,6 @@ only renames: `mlp.w2` and `mlp.w1` are stacked into one column-parallel
 layer.
 """
 
-import math
 from collections.abc import Iterable
 
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
-from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
 from vllm.logger import init_logger
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
@@ -28,16 +27,29 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.quantization import QuantizationConfig
-from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
-from vllm.model_executor.models.utils import _merge_multimodal_embeddings, maybe_prefix
+from vllm.model_executor.models.interfaces import (
+    MultiModalEmbeddings,
+    SupportsMRoPE,
+    SupportsMultiModal,
+    SupportsPP,
+)
+from vllm.model_executor.models.utils import (
+    PPMissingLayer,
+    _merge_multimodal_embeddings,
+    is_pp_missing_parameter,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFeatureSpec
 from vllm.sequence import IntermediateTensors
 
 from .config import QWenConfig
 from .processor import QwenVLDummyInputsBuilder, QwenVLMultiModalProcessor, QwenVLProcessingInfo
+from .rotary import NTKRotaryEmbedding, alpha_codes_needed, encoded_positions, logn_scale_table
 from .visual import VisionTransformer
 
 logger = init_logger(__name__)
@@ -50,20 +62,11 @@ STACKED_PARAMS = {
 }
 
 
-def logn_scale_table(seq_length: int, max_positions: int) -> torch.Tensor:
-    """Qwen's `use_logn_attn`: a query at position p >= seq_length is scaled
-    by log(p + 1) / log(seq_length), which keeps attention entropy steady past
-    the training length."""
-    positions = torch.arange(max_positions, dtype=torch.float64)
-    scale = torch.log(positions + 1) / math.log(seq_length)
-    return torch.where(positions >= seq_length, scale, torch.ones_like(scale)).float()
-
-
 class QWenAttention(nn.Module):
     def __init__(
         self,
         config: QWenConfig,
-        max_positions: int,
+        rotary_emb: NTKRotaryEmbedding,
         cache_config: CacheConfig | None,
         quant_config: QuantizationConfig | None,
         prefix: str,
@@ -81,17 +84,15 @@ class QWenAttention(nn.Module):
             total_heads * self.head_dim, config.hidden_size, bias=False,
             quant_config=quant_config, prefix=f"{prefix}.c_proj",
         )
-        # Rotary over the full head dim (rotary_pct 1.0), rotate-half style.
-        self.rotary_emb = get_rope(
-            self.head_dim,
-            max_position=max_positions,
-            is_neox_style=True,
-            rope_parameters={"rope_theta": config.rotary_emb_base},
-        )
+        # Rotary over the full head dim (rotary_pct 1.0), rotate-half style; one
+        # table shared by all layers, indexed by alpha-encoded positions (rotary.py).
+        self.rotary_emb = rotary_emb
         self.use_logn_attn = config.use_logn_attn
         if self.use_logn_attn:
             self.register_buffer(
-                "logn_scale", logn_scale_table(config.seq_length, max_positions), persistent=False
+                "logn_scale",
+                logn_scale_table(config.seq_length, rotary_emb.stride, rotary_emb.num_alphas),
+                persistent=False,
             )
         self.attn = Attention(
             self.num_heads, self.head_dim, self.head_dim**-0.5,
@@ -135,14 +136,14 @@ class QWenBlock(nn.Module):
     def __init__(
         self,
         config: QWenConfig,
-        max_positions: int,
+        rotary_emb: NTKRotaryEmbedding,
         cache_config: CacheConfig | None,
         quant_config: QuantizationConfig | None,
         prefix: str,
     ):
         super().__init__()
         self.ln_1 = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self.attn = QWenAttention(config, max_positions, cache_config, quant_config, f"{prefix}.attn")
+        self.attn = QWenAttention(config, rotary_emb, cache_config, quant_config, f"{prefix}.attn")
         self.ln_2 = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = QWenMLP(config, quant_config, f"{prefix}.mlp")
 
@@ -159,25 +160,47 @@ class QWenBlock(nn.Module):
         return self.mlp(hidden_states), residual
 
 
-@support_torch_compile
+def positions_per_alpha(vllm_config: VllmConfig) -> int:
+    """Rows of the rotary table per alpha: every position a request can reach."""
+    config: QWenConfig = vllm_config.model_config.hf_config
+    return max(config.max_position_embeddings, vllm_config.model_config.max_model_len)
+
+
+# Positions arrive as M-RoPE's [3, num_tokens] (rotary.py says why); their last dim varies.
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": -1, "inputs_embeds": 0})
 class QWenModel(nn.Module):
     """The checkpoint's `transformer`: embeddings, blocks, final norm, and the
-    visual tower (which vLLM runs separately, through `embed_multimodal`)."""
+    visual tower (which vLLM runs separately, through `embed_multimodal`).
+    Under pipeline parallelism each rank builds its share of the blocks; the
+    first also the embeddings and the visual tower, the last the final norm."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config: QWenConfig = vllm_config.model_config.hf_config
         quant_config = vllm_config.quant_config
         cache_config = vllm_config.cache_config
-        max_positions = max(config.max_position_embeddings, vllm_config.model_config.max_model_len)
-
-        self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size, prefix=f"{prefix}.wte")
-        self.h = nn.ModuleList(
-            QWenBlock(config, max_positions, cache_config, quant_config, f"{prefix}.h.{i}")
-            for i in range(config.num_hidden_layers)
+        stride = positions_per_alpha(vllm_config)
+        head_dim = config.hidden_size // config.num_attention_heads
+        self.rotary_emb = NTKRotaryEmbedding(
+            head_dim, stride, alpha_codes_needed(config, stride), float(config.rotary_emb_base),
+            vllm_config.model_config.dtype,
         )
-        self.ln_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self.visual = VisionTransformer(config.visual, prefix=f"{prefix}.visual")
+
+        pp = get_pp_group()
+        self.wte = (
+            VocabParallelEmbedding(config.vocab_size, config.hidden_size, prefix=f"{prefix}.wte")
+            if pp.is_first_rank else PPMissingLayer()
+        )
+        self.start_layer, self.end_layer, self.h = make_layers(
+            config.num_hidden_layers,
+            lambda prefix: QWenBlock(config, self.rotary_emb, cache_config, quant_config, prefix),
+            prefix=f"{prefix}.h",
+        )
+        self.ln_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon) if pp.is_last_rank else PPMissingLayer()
+        self.visual = VisionTransformer(config.visual, prefix=f"{prefix}.visual") if pp.is_first_rank else PPMissingLayer()
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states", "residual"], config.hidden_size
+        )
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.wte(input_ids)
@@ -188,32 +211,25 @@ class QWenModel(nn.Module):
         positions: torch.Tensor,
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        hidden_states = inputs_embeds if inputs_embeds is not None else self.wte(input_ids)
-        residual = None
-        for block in self.h:
+    ) -> torch.Tensor | IntermediateTensors:
+        positions = positions[0]  # the three M-RoPE rows are equal
+        if get_pp_group().is_first_rank:
+            hidden_states = inputs_embeds if inputs_embeds is not None else self.wte(input_ids)
+            residual = None
+        else:
+            hidden_states, residual = intermediate_tensors["hidden_states"], intermediate_tensors["residual"]
+        for block in self.h[self.start_layer:self.end_layer]:
             hidden_states, residual = block(positions, hidden_states, residual)
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})
         hidden_states, _ = self.ln_f(hidden_states, residual)
         return hidden_states
-
-
-def warn_beyond_seq_length(config: QWenConfig, max_model_len: int) -> None:
-    if config.use_dynamic_ntk and max_model_len > config.seq_length:
-        logger.warning(
-            "Qwen-VL: dynamic NTK rotary scaling (use_dynamic_ntk) is not implemented. "
-            "For prompts longer than seq_length=%d tokens the original raises the rotary "
-            "base with the prompt length; this server keeps base %s, so outputs of such "
-            "prompts differ from the original (max_model_len=%d). Prompts up to %d tokens "
-            "are exact. Pass --max-model-len %d to refuse longer prompts.",
-            config.seq_length, config.rotary_emb_base, max_model_len,
-            config.seq_length, config.seq_length,
-        )
 
 
 @MULTIMODAL_REGISTRY.register_processor(
     QwenVLMultiModalProcessor, info=QwenVLProcessingInfo, dummy_inputs=QwenVLDummyInputsBuilder
 )
-class QWenLMHeadModel(nn.Module, SupportsMultiModal):
+class QWenLMHeadModel(nn.Module, SupportsMultiModal, SupportsMRoPE, SupportsPP):
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
         # Only used when vLLM's server renders chat in the "string" content format: it
@@ -230,9 +246,19 @@ class QWenLMHeadModel(nn.Module, SupportsMultiModal):
         self.transformer = QWenModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "transformer"))
         self.lm_head = ParallelLMHead(
             config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config, prefix=maybe_prefix(prefix, "lm_head")
-        )
+        ) if get_pp_group().is_last_rank else PPMissingLayer()
+        self.make_empty_intermediate_tensors = self.transformer.make_empty_intermediate_tensors
         self.logits_processor = LogitsProcessor(config.vocab_size)
-        warn_beyond_seq_length(config, vllm_config.model_config.max_model_len)
+        self.positions_per_alpha = positions_per_alpha(vllm_config)
+
+    def get_mrope_input_positions(
+        self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
+    ) -> tuple[torch.Tensor, int]:
+        """A request's positions, computed once when its prompt is first
+        scheduled: the dynamic-NTK alpha of the whole prompt (images are in
+        `input_tokens` as their 258 positions) rides in every position, the
+        decode steps' included (rotary.py)."""
+        return encoded_positions(self.config, self.positions_per_alpha, len(input_tokens))
 
     def get_language_model(self) -> nn.Module:
         return self.transformer
@@ -265,7 +291,7 @@ class QWenLMHeadModel(nn.Module, SupportsMultiModal):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
         **kwargs: object,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | IntermediateTensors:
         return self.transformer(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
@@ -283,6 +309,8 @@ class QWenLMHeadModel(nn.Module, SupportsMultiModal):
                 if ckpt_part in name:
                     target, shard = name.replace(ckpt_part, param_part), shard_id
                     break
+            if is_pp_missing_parameter(target, self):
+                continue  # another pipeline stage's
             param = params.get(target)
             if param is None:
                 raise ValueError(f"unexpected tensor in the checkpoint: {name}")

@@ -56,7 +56,7 @@ def main() -> None:
     image = Image.open(args.image) if args.image else sample_image()
 
     started = time.perf_counter()
-    llm = LLM(model=model, dtype=args.dtype, max_model_len=2048, enforce_eager=not args.compile, seed=0)
+    llm = LLM(model=model, dtype=args.dtype, enforce_eager=not args.compile, seed=0)
     ready = time.perf_counter()
 
     # The checkpoint's generation_config.json (Qwen-VL-Chat: top_p 0.3) sets
