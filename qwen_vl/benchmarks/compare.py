@@ -17,13 +17,8 @@ Both vLLM-based servers get identical engine arguments (`--dtype`, `--max-model-
 is waited for (/health), measured at every concurrency level (closed loop; the requests of
 level i are built with seed + i, so no level re-sends another's prompts), and stopped before the
 next starts. The checkpoint is written once into the project cache (`--preset`) unless `--model`
-<<<<<<< HEAD
-names one. Results: the markdown report (`--markdown`, default BENCHMARKS.md: the table, the
-command, the machine; its own section of the file, other sections are kept) and its plot (BENCHMARKS.png); raw figures in `--out-dir`
-=======
 names one. Results: a section of the markdown report (`--markdown`, default BENCHMARKS.md: the
 table, the command, the machine; other sections are kept) and its plot (BENCHMARKS.png); raw figures in `--out-dir`
->>>>>>> main
 (default bench-results/: results.json, one JSON per run, every server's log). Everything is real: a system that fails is reported as failed, never estimated.
 """
 
@@ -314,18 +309,6 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def replace_section(path: Path, name: str, text: str) -> None:
-    """Put `text` between this section's markers in `path` (appended if absent)."""
-    begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
-    old = path.read_text() if path.exists() else ""
-    block = f"{begin}\n{text.rstrip()}\n{end}"
-    if begin in old and end in old:
-        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip() + ("\n\n" if old else "") + block + "\n"
-    path.write_text(new)
-
-
 def write_report(path: Path, runs: list[dict], args, command: str, model: Path, plot_path: Path | None,
                  info: dict) -> None:
     started = {r["system"]: r.get("startup_s") for r in runs if r.get("startup_s")}
@@ -364,11 +347,7 @@ def write_report(path: Path, runs: list[dict], args, command: str, model: Path, 
         text += [f"![output throughput and TTFT against concurrency]({plot_ref})", ""]
     if errors:
         text += ["Failed systems:", "", *errors, ""]
-<<<<<<< HEAD
-    replace_section(path, "compare", "\n".join(text))
-=======
     replace_section(path, SECTION, text)
->>>>>>> main
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ Set-ups (engine arguments and environment on top of `compare`'s engine arguments
                  --data-parallel-size 2 (one rank per core); pp2 traced once instead of eager
 
 Each set-up is a fresh server (closed loop per level, as `compare`); the table goes to stdout
-and, with --markdown, into that file's section for this run (the rest of the file is kept).
+and, with --markdown, into that file's `## --section` (the rest of the file is kept).
 Raw results: --out-dir/<setup>/ours-c<N>.json and the server logs.
 """
 
@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from . import compare
+from .report import replace_section
 
 SETUPS: dict[str, tuple[dict[str, str], list[str]]] = {
     "vllm-auto": ({"VLLM_CPU_OMP_THREADS_BIND": "auto"}, ["--no-cpu-preload"]),
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     parser.prog = "python -m qwen_vl.benchmarks.scaling"
     parser.description = "This server under several CPU and parallel set-ups (see the module docstring)."
     parser.add_argument("--setups", nargs="+", choices=SETUPS, default=["vllm-auto", "both-cores", "default"])
-    parser.add_argument("--section", default="scaling", help="name of this run's section in --markdown")
+    parser.add_argument("--section", default="Scaling", help="title of this run's section in --markdown")
     parser.set_defaults(markdown=None, out_dir=Path("bench-results/scaling"))
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "qwen_vl.benchmarks.scaling", *(sys.argv[1:] if argv is None else argv)])
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
             "other work skews every figure)",
             f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}", "", *table,
         ]
-        compare.replace_section(args.markdown, args.section, "\n".join(text))
+        replace_section(args.markdown, args.section, text)
     return results
 
 
