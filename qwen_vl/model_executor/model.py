@@ -50,7 +50,7 @@ from vllm.sequence import IntermediateTensors
 from .config import QWenConfig
 from .processor import QwenVLDummyInputsBuilder, QwenVLMultiModalProcessor, QwenVLProcessingInfo
 from .rotary import NTKRotaryEmbedding, alpha_codes_needed, encoded_positions, logn_scale_table
-from .visual import VisionTransformer
+from .visual import NUM_QUERIES, VisionTransformer
 
 logger = init_logger(__name__)
 
@@ -167,7 +167,9 @@ def positions_per_alpha(vllm_config: VllmConfig) -> int:
 
 
 # Positions arrive as M-RoPE's [3, num_tokens] (rotary.py says why); their last dim varies.
-@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": -1, "inputs_embeds": 0})
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": 0, "positions": -1, "intermediate_tensors": 0, "inputs_embeds": 0}
+)
 class QWenModel(nn.Module):
     """The checkpoint's `transformer`: embeddings, blocks, final norm, and the
     visual tower (which vLLM runs separately, through `embed_multimodal`).
@@ -248,6 +250,7 @@ class QWenLMHeadModel(nn.Module, SupportsMultiModal, SupportsMRoPE, SupportsPP):
             config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config, prefix=maybe_prefix(prefix, "lm_head")
         ) if get_pp_group().is_last_rank else PPMissingLayer()
         self.make_empty_intermediate_tensors = self.transformer.make_empty_intermediate_tensors
+        self.dtype = vllm_config.model_config.dtype
         self.logits_processor = LogitsProcessor(config.vocab_size)
         self.positions_per_alpha = positions_per_alpha(vllm_config)
 
@@ -269,6 +272,9 @@ class QWenLMHeadModel(nn.Module, SupportsMultiModal, SupportsMRoPE, SupportsPP):
             return []
         if isinstance(pixel_values, (list, tuple)):
             pixel_values = torch.stack(list(pixel_values))
+        if isinstance(self.transformer.visual, PPMissingLayer):
+            # Only the first pipeline stage encodes images; vLLM's memory profiling asks all.
+            return torch.zeros(len(pixel_values), NUM_QUERIES, self.config.hidden_size, dtype=self.dtype)
         # One call encodes every image scheduled in this step, across requests.
         return self.transformer.visual(pixel_values)
 
