@@ -17,9 +17,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qwen_vl.model_executor.tokenizer import IM_END_ID, IM_START_ID
-from qwen_vl.server import metrics
-from qwen_vl.server.engine import Engine
-from qwen_vl.server.settings import Settings
+from qwen_vl.engine import metrics
+from qwen_vl.engine.engine import Engine
+from .settings import Settings
 
 from . import generation
 from .errors import APIError, error_body, install_error_handlers

@@ -18,8 +18,8 @@ from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.engine.exceptions import EngineDeadError
 
-from qwen_vl.server import metrics
-from qwen_vl.server.engine import Engine
+from qwen_vl.engine import metrics
+from qwen_vl.engine.engine import Engine
 
 from .errors import APIError, error_body
 from .grounding import parse_grounding

@@ -11,7 +11,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from .metrics import REQUESTS_UNFINISHED, EngineGauges
 
-logger = logging.getLogger("qwen_vl.server")
+logger = logging.getLogger("qwen_vl.engine")
 
 
 class Engine:
