@@ -88,6 +88,11 @@ class BodySizeLimit:
         await self.app(scope, counting_receive, send)
 
 
+def needs_key(path: str, protect_metrics: bool) -> bool:
+    """The API's own paths; not /health, /version, the docs, nor /metrics unless protected."""
+    return path.startswith("/v1/") or path in ("/tokenize", "/detokenize") or (protect_metrics and path == "/metrics")
+
+
 class RequireKey:
     """401 for requests to protected paths without a valid key, before
     anything reads or parses the body. Plain ASGI, outside the body limit."""
@@ -97,12 +102,9 @@ class RequireKey:
         self.keys = [key.encode() for key in keys]
         self.protect_metrics = protect_metrics
 
-    def protects(self, path: str) -> bool:
-        return path.startswith("/v1/") or path in ("/tokenize", "/detokenize") or (
-            self.protect_metrics and path == "/metrics")
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send):
-        if scope["type"] != "http" or not self.keys or scope["method"] == "OPTIONS" or not self.protects(scope["path"]):
+        # CORS preflights never get here: the CORS middleware, outside this one, answers them.
+        if scope["type"] != "http" or not self.keys or not needs_key(scope["path"], self.protect_metrics):
             return await self.app(scope, receive, send)
         header = dict(scope.get("headers", [])).get(b"authorization", b"")
         token = header[7:].strip() if header[:7].lower() == b"bearer " else b""
@@ -214,12 +216,11 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
 
         return {"version": VERSION, "vllm": vllm.__version__}
 
-    @app.get("/metrics", response_class=PlainTextResponse,
-             responses={401: {"model": ErrorResponse}} if settings.protect_metrics else None)
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", responses={401: {"model": ErrorResponse}})
+    @app.get("/v1/models")
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=settings.served_model_name, max_model_len=engine.max_model_len)])
 
@@ -267,7 +268,7 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
                               timeout=settings.request_timeout or None, priority=body.priority,
                               cache_salt=body.cache_salt)
 
-    @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletion}, **ERROR_RESPONSES})
+    @app.post("/v1/chat/completions", responses={200: streamed(ChatCompletion), **ERROR_RESPONSES})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         job = await prepare(
             body, lambda: [state["builder"].chat(body.messages)], endpoint="chat", prefix="chatcmpl",
@@ -342,7 +343,7 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
 
         return generation.stream_events(engine, job, on_delta, on_finish)
 
-    @app.post("/v1/completions", responses={200: {"model": Completion}, **ERROR_RESPONSES})
+    @app.post("/v1/completions", responses={200: streamed(Completion), **ERROR_RESPONSES})
     async def completions(body: CompletionRequest, request: Request):
         if body.echo and body.logprobs is not None and body.stream:
             raise APIError(400, "echo: echoing the prompt's log-probabilities is not available with stream=true",
@@ -434,11 +435,6 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
 
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         check_model(body.model)
-        vocabulary = len(engine.tokenizer)
-        unknown = [t for t in body.tokens if t >= vocabulary]
-        if unknown:
-            raise APIError(400, f"tokens: {unknown[0]} is not a token id (the vocabulary has {vocabulary})",
-                           param="tokens", code="invalid_value")
         return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
 
     # vLLM's server has them at the root; /v1/ too, beside the other endpoints.
@@ -446,21 +442,37 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
         app.post(f"{prefix}/tokenize", responses=ERROR_RESPONSES)(tokenize)
         app.post(f"{prefix}/detokenize", responses=ERROR_RESPONSES)(detokenize)
 
-    app.openapi = lambda: openapi_without_422(app)
+    app.openapi = lambda: openapi_document(app, settings)
     return app
 
 
+def streamed(model: type) -> dict:
+    """A generation endpoint's 200: JSON, or server-sent events with `stream`."""
+    event = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+    return {"model": model, "content": {"text/event-stream": {"schema": event}},
+            "description": "the completion, or with stream=true its chunks as server-sent events"}
+
+
 # What the generation endpoints answer besides 200, all as OpenAI's error object.
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503, 504)}
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 404, 413, 503, 504)}
 
 
-def openapi_without_422(app: FastAPI) -> dict:
-    """FastAPI documents its own 422 for invalid bodies; this server answers
-    those with 400 and OpenAI's error object (documented per route)."""
+def openapi_document(app: FastAPI, settings: Settings) -> dict:
+    """FastAPI's document, told true: no 422 (this server answers invalid
+    bodies with 400 and OpenAI's error object, documented per route), and
+    with API keys the bearer scheme on the paths RequireKey guards."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        for path in schema["paths"].values():
-            for operation in path.values():
+        for path, operations in schema["paths"].items():
+            for operation in operations.values():
                 operation.get("responses", {}).pop("422", None)
+                if settings.api_keys and needs_key(path, settings.protect_metrics):
+                    operation["security"] = [{"apiKey": []}]
+                    operation["responses"].setdefault("401", {
+                        "description": "missing or invalid API key",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+                    })
+        if settings.api_keys:
+            schema["components"]["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
         app.openapi_schema = schema
     return app.openapi_schema

@@ -289,6 +289,14 @@ async def stream_events(
     yield sse("[DONE]")
 
 
+# JSON has no -inf (a token masked out); vLLM's server writes this instead.
+LOGPROB_FLOOR = -9999.0
+
+
+def finite(logprob: float) -> float:
+    return max(logprob, LOGPROB_FLOOR)
+
+
 def token_text(token_id: int, logprob, as_ids: bool) -> str:
     """A token as logprobs name it: its text, or `token_id:N` (vLLM's
     return_tokens_as_token_ids, for tokens that are no whole UTF-8 text)."""
@@ -300,7 +308,7 @@ def chat_logprobs(logprobs: list, token_ids: list[int], top: int, as_ids: bool =
 
     def entry(token_id, lp) -> dict:
         text = token_text(token_id, lp, as_ids)
-        return {"token": text, "logprob": lp.logprob, "bytes": list(text.encode())}
+        return {"token": text, "logprob": finite(lp.logprob), "bytes": list(text.encode())}
 
     content = []
     for token_id, candidates in zip(token_ids, logprobs):
@@ -324,8 +332,9 @@ def completion_logprobs(token_ids: list[int], logprobs: list, top: int, as_ids: 
             text = token_text(token_id, chosen, as_ids)
             ranked = sorted(candidates.items(), key=lambda item: item[1].rank)[:top]
         tokens.append(text)
-        token_logprobs.append(chosen.logprob if chosen is not None else None)
-        top_logprobs.append({token_text(i, lp, as_ids): lp.logprob for i, lp in ranked} if ranked is not None else None)
+        token_logprobs.append(finite(chosen.logprob) if chosen is not None else None)
+        top_logprobs.append({token_text(i, lp, as_ids): finite(lp.logprob) for i, lp in ranked}
+                            if ranked is not None else None)
         offsets.append(offset)
         offset += len(text)
     return CompletionLogprobs(tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top_logprobs,
@@ -339,7 +348,7 @@ def prompt_logprobs(logprobs: list | None) -> list | None:
         return None
     return [
         None if position is None else {
-            str(token_id): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+            str(token_id): {"logprob": finite(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
             for token_id, lp in position.items()
         }
         for position in logprobs

@@ -10,12 +10,27 @@ silently dropped."""
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from qwen_vl.model_executor.tokenizer import VOCAB_SIZE
 
 MAX_N = 16
 MAX_STOP_SEQUENCES = 8
 MAX_TOP_LOGPROBS = 20
-INT64 = 2**63
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _integer(value):
+    """JSON's integers only: no numeric strings or booleans (pydantic's lax mode takes both)."""
+    if isinstance(value, (str, bool)):
+        raise ValueError("Input should be a valid integer")
+    return value
+
+
+# An id of the Qwen tokenizer (the same 151860 tokens in every Qwen-VL checkpoint).
+TokenId = Annotated[int, Field(ge=0, lt=VOCAB_SIZE), BeforeValidator(_integer)]
+# logit_bias keys: token ids written as decimal strings, 0..151859.
+TOKEN_ID_KEY = r"^(0|[1-9][0-9]{0,4}|1[0-4][0-9]{4}|150[0-9]{3}|151[0-7][0-9]{2}|1518[0-5][0-9])$"
 
 # Fields of vLLM's requests that only take their default here, and why.
 REFUSED = {
@@ -170,26 +185,26 @@ class SamplingFields(Request):
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    logit_bias: dict[Annotated[str, Field(pattern=TOKEN_ID_KEY)], Annotated[float, Field(ge=-100, le=100)]] | None = None
     # vLLM's extensions.
     ignore_eos: bool = False  # generate exactly max_tokens (chat: <|im_end|> does not stop it either)
     min_tokens: int = Field(default=0, ge=0)
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    bad_words: list[str] = Field(default_factory=list)
-    allowed_token_ids: list[int] | None = Field(default=None, min_length=1)
+    bad_words: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    allowed_token_ids: list[TokenId] | None = Field(default=None, min_length=1)
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    truncate_prompt_tokens: int | None = Field(default=None, ge=-1, lt=INT64)
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1, le=INT64_MAX)
     truncation_side: Literal["left", "right"] | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
-    priority: int = Field(default=0, ge=-INT64, lt=INT64)
+    priority: int = Field(default=0, ge=INT64_MIN, le=INT64_MAX)
     request_id: str | None = Field(default=None, min_length=1, max_length=256)
     cache_salt: str | None = Field(default=None, min_length=1, max_length=1024)
     return_token_ids: bool | None = None
@@ -256,6 +271,12 @@ class ChatCompletionRequest(SamplingFields, OriginalChatPrompt):
     mm_payload: Literal["tensors"] = "tensors"
     return_mm_kwargs: None = None
 
+    @model_validator(mode="after")
+    def _top_logprobs_with_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: only with logprobs=true")
+        return self
+
     @property
     def completion_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -267,7 +288,8 @@ class ChatCompletionRequest(SamplingFields, OriginalChatPrompt):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] = Field(min_length=1)
+    # The engine refuses an empty prompt.
+    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     # Refused unless at their default (see REFUSED).
@@ -310,7 +332,7 @@ class TokenizeChatRequest(OriginalChatPrompt):
 class DetokenizeRequest(Request):
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
-    tokens: list[Annotated[int, Field(ge=0, lt=INT64)]]
+    tokens: list[TokenId]
 
 
 # ---- responses ---------------------------------------------------------------
@@ -321,8 +343,8 @@ class Box(BaseModel):
 
     ref: str | None
     kind: Literal["box", "quad"]
-    box: tuple[int, int, int, int] = Field(description="x1, y1, x2, y2 in the model's [0, 1000) coordinates")
-    points: list[tuple[int, int]] = Field(description="the corners as written, in [0, 1000) coordinates")
+    box: tuple[int, int, int, int] = Field(description="x1, y1, x2, y2 on the model's 0..1000 grid (1000 is the far edge)")
+    points: list[tuple[int, int]] = Field(description="the corners as written, on the 0..1000 grid")
     image_index: int | None = Field(description="the image (0-based, in order of appearance) the box refers to")
     box_pixels: tuple[int, int, int, int] | None = Field(description="the box in that image's pixels")
 

@@ -2,6 +2,7 @@
 generation_config.json filling what the request leaves unset."""
 
 from vllm import SamplingParams
+from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
 from .errors import APIError
@@ -25,11 +26,8 @@ def structured_outputs(request: SamplingFields) -> StructuredOutputsParams | Non
 def _logit_bias(request: SamplingFields) -> dict[int, float] | None:
     if request.logit_bias is None:
         return None
-    try:
-        return {int(token): bias for token, bias in request.logit_bias.items()}
-    except ValueError:
-        raise APIError(400, "logit_bias: keys must be token ids (integers as strings)", param="logit_bias",
-                       code="invalid_value") from None
+    # The schema admits token ids only (decimal strings).
+    return {int(token): bias for token, bias in request.logit_bias.items()}
 
 
 def sampling_params(
@@ -95,5 +93,5 @@ def sampling_params(
             stream_interval=request.stream_interval,
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         )
-    except ValueError as e:
-        raise APIError(400, str(e), code="invalid_value") from e
+    except (ValueError, VLLMValidationError) as e:  # vLLM's own checks, e.g. n > 1 when greedy
+        raise APIError(400, str(e), param=getattr(e, "parameter", None), code="invalid_value") from e

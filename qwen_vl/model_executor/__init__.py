@@ -21,10 +21,12 @@ def register() -> None:
     )
 
     from .config import register_config
+    from .generation import register_chat_stops
     from .tokenizer import register_tokenizer
 
     register_config()
     register_tokenizer()
+    register_chat_stops(ARCHITECTURE)
     if get_chat_template_fallback_path(MODEL_TYPE, "") != CHAT_TEMPLATE:
         register_chat_template_fallback_path(MODEL_TYPE, CHAT_TEMPLATE)
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
