@@ -21,12 +21,12 @@ def register() -> None:
     )
 
     from .config import register_config
-    from .generation import register_chat_stops
+    from .serving import register_serving_defaults
     from .tokenizer import register_tokenizer
 
     register_config()
     register_tokenizer()
-    register_chat_stops(ARCHITECTURE)
+    register_serving_defaults(ARCHITECTURE)
     if get_chat_template_fallback_path(MODEL_TYPE, "") != CHAT_TEMPLATE:
         register_chat_template_fallback_path(MODEL_TYPE, CHAT_TEMPLATE)
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():

@@ -1,17 +1,27 @@
-"""Where vLLM stops Qwen-VL-Chat: at the turn's end, as the original chat() does.
+"""What the plugin sets in vLLM's config so that `vllm serve` answers as the
+original does, with no extra flags. The checkpoint's files stay as downloaded.
 
+Stops. 
 vLLM stops a request at the eos ids of the checkpoint's generation_config.json.
 Qwen-VL-Chat's names only `<|endoftext|>`; the original chat() (with
 `chat_format: "chatml"` in that file) also stops at `<|im_end|>` and
 `<|im_start|>` (`get_stop_words_ids`). Without them `vllm serve` runs on past
 the answer into a new turn.
 
-vLLM's per-architecture config hook (MODELS_CONFIG_MAP, the place its own
-models adjust their settings) points the engine at a copy of the checkpoint's
-generation config that names all three ids, kept in our cache: the
-checkpoint's files stay as downloaded, and a `--generation-config` the user
-gives is left alone. With a chatml checkpoint every request (chat or raw
-completion, `vllm serve` or ours) then ends at those ids unless `ignore_eos`.
+So the engine reads a copy of the checkpoint's generation config that names
+all three ids, kept in our cache (a `--generation-config` the user gives is
+left alone). With a chatml checkpoint every request (chat or raw completion,
+`vllm serve` or ours) then ends at those ids unless `ignore_eos`.
+
+Images. vLLM's media loader composites images with alpha onto white; the
+original's `convert("RGB")` drops the alpha channel. The loader is told to
+keep each image's mode (`media_io_kwargs` image_mode None, unless the user set
+one), and the plugin's processor converts as the original does. vLLM's loader
+still applies EXIF orientation, which the original does not (our server does
+not either).
+
+Both are set from vLLM's per-architecture config hook (MODELS_CONFIG_MAP, the
+place vLLM's own models adjust their settings).
 """
 
 import hashlib
@@ -53,13 +63,19 @@ def chat_generation_config(model_config) -> None:
     model_config.generation_config = str(directory)
 
 
-class QWenChatStops(VerifyAndUpdateConfig):
+def keep_image_mode(model_config) -> None:
+    if model_config.multimodal_config is not None:
+        model_config.multimodal_config.media_io_kwargs.setdefault("image", {}).setdefault("image_mode", None)
+
+
+class QWenServingDefaults(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
         chat_generation_config(model_config)
+        keep_image_mode(model_config)
 
 
-def register_chat_stops(architecture: str) -> None:
+def register_serving_defaults(architecture: str) -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
-    MODELS_CONFIG_MAP.setdefault(architecture, QWenChatStops)
+    MODELS_CONFIG_MAP.setdefault(architecture, QWenServingDefaults)
