@@ -17,7 +17,9 @@ from qwen_vl.model_executor.tokenizer import VOCAB_SIZE
 MAX_N = 16
 MAX_STOP_SEQUENCES = 8
 MAX_TOP_LOGPROBS = 20
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# vLLM takes int64 here; this server the integers JSON carries exactly everywhere
+# (JavaScript, and JSON Schema tools, which compare big integers as floats).
+JSON_INT_MIN, JSON_INT_MAX = -(2**53 - 1), 2**53 - 1
 
 
 def _integer(value):
@@ -185,7 +187,7 @@ class SamplingFields(Request):
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    seed: int | None = Field(default=None, ge=JSON_INT_MIN, le=JSON_INT_MAX)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
@@ -200,11 +202,11 @@ class SamplingFields(Request):
     bad_words: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
     allowed_token_ids: list[TokenId] | None = Field(default=None, min_length=1)
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    truncate_prompt_tokens: int | None = Field(default=None, ge=-1, le=INT64_MAX)
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1, le=JSON_INT_MAX)
     truncation_side: Literal["left", "right"] | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
-    priority: int = Field(default=0, ge=INT64_MIN, le=INT64_MAX)
+    priority: int = Field(default=0, ge=JSON_INT_MIN, le=JSON_INT_MAX)
     request_id: str | None = Field(default=None, min_length=1, max_length=256)
     cache_salt: str | None = Field(default=None, min_length=1, max_length=1024)
     return_token_ids: bool | None = None
