@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from qwen_vl.api.app import create_app
-    from qwen_vl.server.engine import Engine
+    from qwen_vl.engine.engine import Engine
 
     engine_died = False
 

@@ -5,35 +5,13 @@ dashes as underscores) and a line in `--help`; a flag beats its variable."""
 
 import argparse
 import os
-from dataclasses import dataclass
 from pathlib import Path
+
+from qwen_vl.api.settings import Settings
 
 ENV_PREFIX = "QWEN_VL_"
 MIB = 1024 * 1024
 DEMO_MODEL_NAME = "qwen-vl-demo"
-
-
-@dataclass(frozen=True)
-class Settings:
-    host: str
-    port: int
-    model: str
-    served_model_name: str
-    api_keys: tuple[str, ...]
-    protect_metrics: bool
-    cors_origins: tuple[str, ...]
-    max_pending_requests: int
-    request_timeout: float
-    shutdown_grace_period: float
-    max_images_per_request: int
-    max_request_bytes: int
-    max_image_bytes: int
-    max_image_pixels: int
-    image_fetch_timeout: float
-    image_max_redirects: int
-    allow_private_image_urls: bool
-    image_local_root: Path | None
-    log_level: str
 
 
 def env_name(dest: str) -> str:
