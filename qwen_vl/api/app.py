@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -17,14 +17,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qwen_vl.model_executor.tokenizer import IM_END_ID, IM_START_ID
-from qwen_vl.server import metrics
-from qwen_vl.server.engine import Engine
-from qwen_vl.server.settings import Settings
+from qwen_vl.engine import metrics
+from qwen_vl.engine.engine import Engine
+from .settings import Settings
 
 from . import generation
 from .errors import APIError, error_body, install_error_handlers
 from .images import ImageLimits, new_client
-from .prompt import PromptBuilder, PromptError
+from .prompt import Prompt, PromptBuilder, PromptError, truncate
 from .sampling import sampling_params
 from .protocol import (
     AssistantMessage,
@@ -38,9 +38,14 @@ from .protocol import (
     CompletionLogprobs,
     CompletionRequest,
     Delta,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
 )
 
 logger = logging.getLogger("qwen_vl.api")
@@ -81,6 +86,34 @@ class BodySizeLimit:
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+def needs_key(path: str, protect_metrics: bool) -> bool:
+    """The API's own paths; not /health, /version, the docs, nor /metrics unless protected."""
+    return path.startswith("/v1/") or path in ("/tokenize", "/detokenize") or (protect_metrics and path == "/metrics")
+
+
+class RequireKey:
+    """401 for requests to protected paths without a valid key, before
+    anything reads or parses the body. Plain ASGI, outside the body limit."""
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...], protect_metrics: bool):
+        self.app = app
+        self.keys = [key.encode() for key in keys]
+        self.protect_metrics = protect_metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send):
+        # CORS preflights never get here: the CORS middleware, outside this one, answers them.
+        if scope["type"] != "http" or not self.keys or not needs_key(scope["path"], self.protect_metrics):
+            return await self.app(scope, receive, send)
+        header = dict(scope.get("headers", [])).get(b"authorization", b"")
+        token = header[7:].strip() if header[:7].lower() == b"bearer " else b""
+        # Compare against every key, always, in constant time.
+        if not any([hmac.compare_digest(token, key) for key in self.keys]):
+            response = JSONResponse(error_body(401, "missing or invalid API key", code="invalid_api_key"),
+                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class CountRequests:
@@ -146,6 +179,7 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
     app = FastAPI(title="qwen-vl-serve", version=VERSION, lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
+    app.add_middleware(RequireKey, keys=settings.api_keys, protect_metrics=settings.protect_metrics)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
@@ -162,18 +196,8 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
 
     app.add_middleware(CountRequests)
 
-    async def authorized(request: Request) -> None:
-        if not settings.api_keys:
-            return
-        header = request.headers.get("authorization", "")
-        token = header[7:] if header.lower().startswith("bearer ") else ""
-        # Compare against every key, always, in constant time.
-        matches = [hmac.compare_digest(token.encode(), key.encode()) for key in settings.api_keys]
-        if not any(matches):
-            raise APIError(401, "missing or invalid API key", code="invalid_api_key")
-
-    def check_model(name: str) -> None:
-        if name not in (settings.served_model_name, settings.model):
+    def check_model(name: str | None) -> None:
+        if name is not None and name not in (settings.served_model_name, settings.model):
             raise APIError(404, f"model {name!r} does not exist; this server serves {settings.served_model_name!r}",
                            param="model", code="model_not_found")
         if not engine.serving:
@@ -192,59 +216,70 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
 
         return {"version": VERSION, "vllm": vllm.__version__}
 
-    @app.get("/metrics", dependencies=[Depends(authorized)] if settings.protect_metrics else [],
-             response_class=PlainTextResponse)
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=[Depends(authorized)], responses={401: {"model": ErrorResponse}})
+    @app.get("/v1/models")
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=settings.served_model_name, max_model_len=engine.max_model_len)])
 
-    async def prepare(body, build_prompt, *, endpoint: str, prefix: str, stop_token_ids: list[int],
-                      logprobs: int | None, grounding_image: int | None = None) -> generation.Job:
+    def truncated(prompt: Prompt, body) -> Prompt:
+        if body.truncate_prompt_tokens is None:
+            return prompt
+        # -1: as long as the context allows, one token left for the answer (as vLLM).
+        keep = engine.max_model_len - 1 if body.truncate_prompt_tokens == -1 else body.truncate_prompt_tokens
+        return truncate(prompt, keep, body.truncation_side or "right")
+
+    async def prepare(body, build_prompts, *, endpoint: str, prefix: str, stop_token_ids: list[int],
+                      grounding_image: int | None = None) -> generation.Job:
         """Validate (cheap checks first), admit, then fetch the images."""
         check_model(body.model)
+        if body.priority and not engine.priority_scheduling:
+            raise APIError(400, "priority: the engine schedules first come, first served; start the server with "
+                           "--scheduling-policy priority to order requests by priority", param="priority",
+                           code="invalid_value")
         try:
             # Tokenizing a long conversation takes real time: not on the event loop.
-            prompt = await asyncio.to_thread(build_prompt)
+            prompts = [truncated(p, body) for p in await asyncio.to_thread(build_prompts)]
         except PromptError as e:
             raise APIError(400, str(e), param=e.param) from e
-        if grounding_image is not None and grounding_image >= len(prompt.image_urls):
+        if grounding_image is not None and grounding_image >= len(prompts[0].image_urls):
             raise APIError(400, f"grounding_image={grounding_image} but the conversation has "
-                           f"{len(prompt.image_urls)} image(s)", param="grounding_image")
+                           f"{len(prompts[0].image_urls)} image(s)", param="grounding_image")
         params = sampling_params(
             body, state["defaults"],
-            prompt_tokens=len(prompt.token_ids), max_model_len=engine.max_model_len,
-            completion_limit=body.completion_limit, logprobs=logprobs,
+            prompt_tokens=max(len(p.token_ids) for p in prompts), max_model_len=engine.max_model_len,
+            completion_limit=body.completion_limit, logprobs=body.top,
             stop_token_ids=stop_token_ids, stream=body.stream,
         )
+        if getattr(body, "echo", False) and body.logprobs is not None and params.prompt_logprobs is None:
+            # Echoed prompt tokens carry log-probabilities too, as in vLLM.
+            params.prompt_logprobs = body.logprobs
         ticket = admission.admit()
         try:
-            images = await generation.fetch_images(
-                prompt, image_limits, settings.max_images_per_request, state["http"]
-            )
+            images = await generation.fetch_images(prompts, image_limits, settings.max_images_per_request,
+                                                   state["http"])
         except BaseException:
             ticket.release()
             raise
-        timeout = settings.request_timeout or None
-        return generation.Job(endpoint, generation.new_request_id(prefix), prompt, images, params, ticket, timeout)
+        request_id = f"{prefix}-{body.request_id or generation.new_request_id()}"
+        return generation.Job(endpoint, request_id, prompts, images, params, ticket,
+                              timeout=settings.request_timeout or None, priority=body.priority,
+                              cache_salt=body.cache_salt)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)],
-              responses={200: {"model": ChatCompletion}, **ERROR_RESPONSES})
+    @app.post("/v1/chat/completions", responses={200: streamed(ChatCompletion), **ERROR_RESPONSES})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        top = body.top_logprobs or 0
         job = await prepare(
-            body, lambda: state["builder"].chat(body.messages), endpoint="chat", prefix="chatcmpl",
+            body, lambda: [state["builder"].chat(body.messages)], endpoint="chat", prefix="chatcmpl",
             # ignore_eos asks for exactly max_tokens tokens: the chat's end
             # tokens are its end-of-sequence too.
-            stop_token_ids=[] if body.ignore_eos else CHAT_STOP_TOKEN_IDS, logprobs=top if body.logprobs else None,
-            grounding_image=body.grounding_image,
+            stop_token_ids=[] if body.ignore_eos else CHAT_STOP_TOKEN_IDS, grounding_image=body.grounding_image,
         )
-        images = job.images
         if body.stream:
             return StreamingResponse(chat_stream(body, job), media_type="text/event-stream")
-        choices = await generation.run_to_end(request, engine, job)
+        choices, prompts = await generation.run_to_end(request, engine, job)
+        as_ids = bool(body.return_tokens_as_token_ids)
         return ChatCompletion(
             id=job.request_id,
             model=body.model,
@@ -254,42 +289,51 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
                     message=AssistantMessage(
                         # The original chat() strips the response.
                         content=c.text.strip(),
-                        boxes=generation.boxes(c.text, images, body.grounding_image),
+                        boxes=generation.boxes(c.text, job.images[0], body.grounding_image),
                     ),
                     finish_reason=c.finish_reason,
-                    logprobs=generation.chat_logprobs(c.logprobs, c.token_ids, top) if body.logprobs else None,
+                    stop_reason=c.stop_reason,
+                    logprobs=generation.chat_logprobs(c.logprobs, c.token_ids, body.top, as_ids)
+                    if body.logprobs else None,
+                    token_ids=c.token_ids if body.return_token_ids else None,
                 )
                 for c in choices
             ],
             usage=generation.usage(job, choices),
+            prompt_logprobs=generation.prompt_logprobs(prompts.logprobs.get(0)),
+            prompt_token_ids=job.prompts[0].token_ids if body.return_token_ids else None,
         )
 
     def chat_stream(body: ChatCompletionRequest, job: generation.Job):
-        top = body.top_logprobs or 0
         started: set[int] = set()
+        as_ids = bool(body.return_tokens_as_token_ids)
 
         def chunk(choices: list[ChatChunkChoice], usage=None) -> dict:
-            return ChatCompletionChunk(id=job.request_id, model=body.model, choices=choices, usage=usage).model_dump(
-                exclude_none=True
-            )
+            # vLLM sends the prompt's ids (return_token_ids) in the first chunk only.
+            prompt_ids = job.prompts[0].token_ids if body.return_token_ids and not started else None
+            return ChatCompletionChunk(id=job.request_id, model=body.model, choices=choices, usage=usage,
+                                       prompt_token_ids=prompt_ids).model_dump(exclude_none=True)
 
         def on_delta(choice: generation.Choice, out) -> dict | None:
             first = choice.index not in started
-            started.add(choice.index)
-            if not out.text and not first:
+            if not out.text and not first and not (body.return_token_ids and out.token_ids):
                 return None
             logprobs = None
             if body.logprobs and out.logprobs:
-                logprobs = generation.chat_logprobs(list(out.logprobs), list(out.token_ids), top)
+                logprobs = generation.chat_logprobs(list(out.logprobs), list(out.token_ids), body.top, as_ids)
             delta = Delta(role="assistant" if first else None, content=out.text)
-            return chunk([ChatChunkChoice(index=choice.index, delta=delta, logprobs=logprobs)])
+            token_ids = list(out.token_ids) if body.return_token_ids else None
+            event = chunk([ChatChunkChoice(index=choice.index, delta=delta, logprobs=logprobs, token_ids=token_ids)])
+            started.add(choice.index)
+            return event
 
         def on_finish(choices: list[generation.Choice]) -> list[dict]:
             closing = [
                 chunk([ChatChunkChoice(
                     index=c.index,
-                    delta=Delta(boxes=generation.boxes(c.text, job.images, body.grounding_image)),
+                    delta=Delta(boxes=generation.boxes(c.text, job.images[0], body.grounding_image)),
                     finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
                 )])
                 for c in choices
             ]
@@ -299,28 +343,45 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
 
         return generation.stream_events(engine, job, on_delta, on_finish)
 
-    @app.post("/v1/completions", dependencies=[Depends(authorized)],
-              responses={200: {"model": Completion}, **ERROR_RESPONSES})
+    @app.post("/v1/completions", responses={200: streamed(Completion), **ERROR_RESPONSES})
     async def completions(body: CompletionRequest, request: Request):
+        if body.echo and body.logprobs is not None and body.stream:
+            raise APIError(400, "echo: echoing the prompt's log-probabilities is not available with stream=true",
+                           param="echo", code="invalid_value")
         job = await prepare(
-            body, lambda: state["builder"].completion(body.prompt_text), endpoint="completion", prefix="cmpl",
-            stop_token_ids=[], logprobs=body.logprobs,
+            body, lambda: [state["builder"].completion(text) for text in body.prompts], endpoint="completion",
+            prefix="cmpl", stop_token_ids=[],
         )
+        as_ids = bool(body.return_tokens_as_token_ids)
 
         def completion(choices: list[CompletionChoice], usage=None) -> Completion:
             return Completion(id=job.request_id, model=body.model, choices=choices, usage=usage)
 
+        def prompt_ids(choice: generation.Choice) -> list[int] | None:
+            return job.prompts[choice.prompt_index].token_ids if body.return_token_ids else None
+
         if body.stream:
+            started: set[int] = set()
+
             def on_delta(choice, out):
-                if not out.text:
+                first = choice.index not in started
+                started.add(choice.index)
+                text = (body.prompts[choice.prompt_index] if first and body.echo else "") + out.text
+                if not text and not first and not (body.return_token_ids and out.token_ids):
                     return None
-                return completion([CompletionChoice(index=choice.index, text=out.text)]).model_dump(exclude_none=True)
+                return completion([CompletionChoice(
+                    index=choice.index, text=text,
+                    logprobs=generation.completion_logprobs(list(out.token_ids), list(out.logprobs), body.logprobs,
+                                                            as_ids) if body.logprobs is not None and out.logprobs
+                    else None,
+                    prompt_token_ids=prompt_ids(choice) if first else None,
+                    token_ids=list(out.token_ids) if body.return_token_ids else None,
+                )]).model_dump(exclude_none=True)
 
             def on_finish(choices):
                 closing = [
-                    completion([CompletionChoice(index=c.index, text="", finish_reason=c.finish_reason)]).model_dump(
-                        exclude_none=True
-                    )
+                    completion([CompletionChoice(index=c.index, text="", finish_reason=c.finish_reason,
+                                                 stop_reason=c.stop_reason)]).model_dump(exclude_none=True)
                     for c in choices
                 ]
                 if body.stream_options and body.stream_options.include_usage:
@@ -329,50 +390,89 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
 
             return StreamingResponse(generation.stream_events(engine, job, on_delta, on_finish),
                                      media_type="text/event-stream")
-        choices = await generation.run_to_end(request, engine, job)
+        choices, prompts = await generation.run_to_end(request, engine, job)
+
+        def logprobs(c: generation.Choice) -> CompletionLogprobs | None:
+            if body.logprobs is None:
+                return None
+            token_ids, entries = c.token_ids, c.logprobs
+            if body.echo:
+                token_ids = job.prompts[c.prompt_index].token_ids + token_ids
+                entries = prompts.logprobs[c.prompt_index] + entries
+            return generation.completion_logprobs(token_ids, entries, body.logprobs, as_ids,
+                                                  decode=lambda t: engine.tokenizer.decode([t]))
+
         return completion(
             [
                 CompletionChoice(
                     index=c.index,
-                    text=c.text,
+                    text=(body.prompts[c.prompt_index] if body.echo else "") + c.text,
                     finish_reason=c.finish_reason,
-                    logprobs=completion_logprobs(c, body.logprobs) if body.logprobs is not None else None,
+                    stop_reason=c.stop_reason,
+                    logprobs=logprobs(c),
+                    prompt_logprobs=generation.prompt_logprobs(prompts.logprobs.get(c.prompt_index))
+                    if body.prompt_logprobs is not None else None,
+                    prompt_token_ids=prompt_ids(c),
+                    token_ids=c.token_ids if body.return_token_ids else None,
                 )
                 for c in choices
             ],
             usage=generation.usage(job, choices),
         )
 
-    app.openapi = lambda: openapi_without_422(app)
+    async def tokenize(body: TokenizeChatRequest | TokenizeCompletionRequest) -> TokenizeResponse:
+        check_model(body.model)
+        try:
+            if isinstance(body, TokenizeChatRequest):
+                prompt = await asyncio.to_thread(state["builder"].chat, body.messages)
+            else:
+                prompt = await asyncio.to_thread(state["builder"].completion, body.prompt)
+        except PromptError as e:
+            raise APIError(400, str(e), param=e.param) from e
+        ids = prompt.token_ids
+        strs = engine.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids, token_strs=strs)
+
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        check_model(body.model)
+        return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
+
+    # vLLM's server has them at the root; /v1/ too, beside the other endpoints.
+    for prefix in ("", "/v1"):
+        app.post(f"{prefix}/tokenize", responses=ERROR_RESPONSES)(tokenize)
+        app.post(f"{prefix}/detokenize", responses=ERROR_RESPONSES)(detokenize)
+
+    app.openapi = lambda: openapi_document(app, settings)
     return app
 
 
+def streamed(model: type) -> dict:
+    """A generation endpoint's 200: JSON, or server-sent events with `stream`."""
+    event = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+    return {"model": model, "content": {"text/event-stream": {"schema": event}},
+            "description": "the completion, or with stream=true its chunks as server-sent events"}
+
+
 # What the generation endpoints answer besides 200, all as OpenAI's error object.
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503, 504)}
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 404, 413, 503, 504)}
 
 
-def openapi_without_422(app: FastAPI) -> dict:
-    """FastAPI documents its own 422 for invalid bodies; this server answers
-    those with 400 and OpenAI's error object (documented per route)."""
+def openapi_document(app: FastAPI, settings: Settings) -> dict:
+    """FastAPI's document, told true: no 422 (this server answers invalid
+    bodies with 400 and OpenAI's error object, documented per route), and
+    with API keys the bearer scheme on the paths RequireKey guards."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        for path in schema["paths"].values():
-            for operation in path.values():
+        for path, operations in schema["paths"].items():
+            for operation in operations.values():
                 operation.get("responses", {}).pop("422", None)
+                if settings.api_keys and needs_key(path, settings.protect_metrics):
+                    operation["security"] = [{"apiKey": []}]
+                    operation["responses"].setdefault("401", {
+                        "description": "missing or invalid API key",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+                    })
+        if settings.api_keys:
+            schema["components"]["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
         app.openapi_schema = schema
     return app.openapi_schema
-
-
-def completion_logprobs(choice: generation.Choice, top: int) -> CompletionLogprobs:
-    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-    offset = 0
-    for token_id, candidates in zip(choice.token_ids, choice.logprobs):
-        chosen = candidates[token_id]
-        text = chosen.decoded_token or ""
-        tokens.append(text)
-        token_logprobs.append(chosen.logprob)
-        ranked = sorted(candidates.values(), key=lambda lp: lp.rank)[:top]
-        top_logprobs.append({lp.decoded_token or "": lp.logprob for lp in ranked})
-        offsets.append(offset)
-        offset += len(text)
-    return CompletionLogprobs(tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top_logprobs, text_offset=offsets)

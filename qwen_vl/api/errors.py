@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from .protocol import ErrorDetail, ErrorResponse
+from .protocol import REFUSED, ErrorDetail, ErrorResponse
 
 logger = logging.getLogger("qwen_vl.api")
 
@@ -84,6 +84,10 @@ def install_error_handlers(app: FastAPI) -> None:
         reason = first.get("msg")
         if first.get("type") == "value_error":  # a validator's own text, without pydantic's "Value error, "
             reason = first.get("ctx", {}).get("error", reason)
+        elif first.get("type") == "extra_forbidden":
+            reason = "unknown field; this server does not serve it"
+        elif param in REFUSED and first.get("type") in ("literal_error", "none_required"):
+            reason = f"not supported: {REFUSED[param]} (only its default is accepted)"
         message = f"{param}: {reason}" if param else str(reason)
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more error(s))"
@@ -93,7 +97,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: HTTPException):
         if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's json.loads of the body
             return error_response(400, f"the body is not valid UTF-8: {exc.__cause__.reason}", None, "invalid_json")
-        return error_response(exc.status_code, str(exc.detail))
+        # 405s carry Starlette's Allow header (RFC 9110).
+        return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):

@@ -1,7 +1,10 @@
 """Qwen-VL's grounding markup in generated text -> boxes.
 
 The model names a region as `<ref>the cat</ref><box>(x1,y1),(x2,y2)</box>`,
-with integer coordinates on a 0..1000 grid over the image. Several boxes may
+with integer coordinates on a 0..1000 grid over the image: the original
+normalises the boxes it writes into prompts to [0, 1000), and draws whatever
+the model writes as `x / 1000 * width`, so 1000 (the far edge) is accepted
+and anything beyond it skipped. Several boxes may
 follow one ref, a box may come without a ref, and `<quad>` with four points
 (text regions, OCR) may stand in place of a box. Output cut off mid-tag, or
 otherwise malformed, is skipped rather than refused: the text is still the

@@ -185,3 +185,23 @@ class PromptBuilder:
         if not ids:  # the engine refuses an empty prompt
             raise PromptError("prompt: the prompt is empty", "prompt")
         return Prompt(ids, urls)
+
+
+def truncate(prompt: Prompt, keep: int, side: str) -> Prompt:
+    """vLLM's truncate_prompt_tokens: keep the first (`right`) or last (`left`)
+    `keep` tokens. An image span is kept whole or dropped with its image;
+    a cut through one is refused."""
+    ids = prompt.token_ids
+    if keep >= len(ids):
+        return prompt
+    start, stop = (len(ids) - keep, len(ids)) if side == "left" else (0, keep)
+    urls = []
+    spans = [i for i, token in enumerate(ids) if token == IMG_START_ID]
+    for url, first in zip(prompt.image_urls, spans):
+        last = first + len(IMAGE_SPAN)
+        if start <= first and last <= stop:
+            urls.append(url)
+        elif first < stop and start < last:
+            raise PromptError(f"truncate_prompt_tokens={keep} would cut through an image's {len(IMAGE_SPAN)} "
+                              "positions", "truncate_prompt_tokens")
+    return Prompt(ids[start:stop], urls)

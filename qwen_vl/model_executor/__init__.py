@@ -23,11 +23,13 @@ def register() -> None:
 
     from .config import VerifyParallelSizes, register_config
     from .renderer import register_renderer
+    from .serving import register_serving_defaults
     from .tokenizer import register_tokenizer
 
     register_config()
     register_tokenizer()
     register_renderer()
+    register_serving_defaults(ARCHITECTURE)
     if get_chat_template_fallback_path(MODEL_TYPE, "") != CHAT_TEMPLATE:
         register_chat_template_fallback_path(MODEL_TYPE, CHAT_TEMPLATE)
     # Parallel sizes are checked where vLLM checks its own models' (VllmConfig).

@@ -17,8 +17,8 @@ def main(argv: list[str] | None = None) -> None:
     from qwen_vl.server.cpu import apply_cpu_defaults
 
     # Before the engine starts: its processes read these variables.
-    apply_cpu_defaults(engine_args, settings.cpu_threads_bind, settings.cpu_preload)
-    if settings.headless:
+    apply_cpu_defaults(engine_args, args.cpu_threads_bind, args.cpu_preload)
+    if args.headless:
         from vllm.entrypoints.cli.serve import run_headless
 
         # The frontend-only settings its runner reads; this node serves no API.
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from qwen_vl.api.app import create_app
-    from qwen_vl.server.engine import Engine
+    from qwen_vl.engine.engine import Engine
 
     engine_died = False
 

@@ -5,38 +5,13 @@ dashes as underscores) and a line in `--help`; a flag beats its variable."""
 
 import argparse
 import os
-from dataclasses import dataclass
 from pathlib import Path
+
+from qwen_vl.api.settings import Settings
 
 ENV_PREFIX = "QWEN_VL_"
 MIB = 1024 * 1024
 DEMO_MODEL_NAME = "qwen-vl-demo"
-
-
-@dataclass(frozen=True)
-class Settings:
-    host: str
-    port: int
-    model: str
-    served_model_name: str
-    api_keys: tuple[str, ...]
-    protect_metrics: bool
-    cors_origins: tuple[str, ...]
-    max_pending_requests: int
-    request_timeout: float
-    shutdown_grace_period: float
-    max_images_per_request: int
-    max_request_bytes: int
-    max_image_bytes: int
-    max_image_pixels: int
-    image_fetch_timeout: float
-    image_max_redirects: int
-    allow_private_image_urls: bool
-    image_local_root: Path | None
-    log_level: str
-    cpu_threads_bind: str | None
-    cpu_preload: bool
-    headless: bool
 
 
 def env_name(dest: str) -> str:
@@ -166,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str] | None = None):
-    """-> (Settings, vLLM AsyncEngineArgs, the parsed namespace: vLLM's headless runner reads it)."""
+    """-> (the API's Settings, vLLM AsyncEngineArgs, the parsed namespace: the process-level
+    settings (CPU binding, preloads, --headless) and vLLM's headless runner read it)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     args = build_parser().parse_args(argv)
@@ -202,8 +178,5 @@ def parse(argv: list[str] | None = None):
         image_local_root=args.image_local_root,
         # vLLM's own --log-level (None unless given) also sets ours.
         log_level=(getattr(args, "log_level", None) or "info").lower(),
-        cpu_threads_bind=args.cpu_threads_bind,
-        cpu_preload=args.cpu_preload,
-        headless=args.headless,
     )
     return settings, engine_args, args

@@ -11,7 +11,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from .metrics import REQUESTS_UNFINISHED, EngineGauges
 
-logger = logging.getLogger("qwen_vl.server")
+logger = logging.getLogger("qwen_vl.engine")
 
 
 class Engine:
@@ -55,11 +55,19 @@ class Engine:
         config = try_get_generation_config(self.llm.model_config.model, trust_remote_code=False)
         return int(getattr(config, "max_window_size", None) or 6144)
 
+    @property
+    def priority_scheduling(self) -> bool:
+        """Whether requests' `priority` orders them (vLLM's --scheduling-policy priority)."""
+        return self.llm.vllm_config.scheduler_config.policy == "priority"
+
     def generate(
-        self, prompt_ids: list[int], images: list, params: SamplingParams, request_id: str
+        self, prompt_ids: list[int], images: list, params: SamplingParams, request_id: str, *,
+        priority: int = 0, cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         prompt = {"prompt_token_ids": prompt_ids}
         if images:
             prompt["multi_modal_data"] = {"image": images}
+        if cache_salt is not None:
+            prompt["cache_salt"] = cache_salt
         # Cancelling the consumer (client gone) makes vLLM abort the request.
-        return self.llm.generate(prompt, params, request_id)
+        return self.llm.generate(prompt, params, request_id, priority=priority)
