@@ -120,16 +120,3 @@ def check_tensor_parallel(config: QWenConfig, tp_size: int) -> None:
                 f"Qwen-VL: {name} = {size} is not divisible by the tensor-parallel size {tp_size}; "
                 f"choose a --tensor-parallel-size that divides it"
             )
-
-
-class VerifyParallelSizes:
-    """vLLM's per-architecture config hook (`MODELS_CONFIG_MAP`), run once in
-    the process that builds the engine's config, before any worker starts."""
-
-    @staticmethod
-    def verify_and_update_config(vllm_config) -> None:
-        check_tensor_parallel(vllm_config.model_config.hf_config, vllm_config.parallel_config.tensor_parallel_size)
-
-    @staticmethod
-    def verify_and_update_model_config(model_config) -> None:
-        return

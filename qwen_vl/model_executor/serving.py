@@ -20,7 +20,10 @@ one), and the plugin's processor converts as the original does. vLLM's loader
 still applies EXIF orientation, which the original does not (our server does
 not either).
 
-Both are set from vLLM's per-architecture config hook (MODELS_CONFIG_MAP, the
+Parallel sizes. A size tensor parallelism cannot split is refused with its
+name (config.check_tensor_parallel), not deep inside model construction.
+
+All three are done from vLLM's per-architecture config hook (MODELS_CONFIG_MAP, the
 place vLLM's own models adjust their settings).
 """
 
@@ -31,6 +34,7 @@ import tempfile
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from .cache import cache_dir
+from .config import check_tensor_parallel
 from .tokenizer import IM_END_ID, IM_START_ID
 
 GENERATION_CONFIG = "generation_config.json"
@@ -73,6 +77,11 @@ class QWenServingDefaults(VerifyAndUpdateConfig):
     def verify_and_update_model_config(model_config) -> None:
         chat_generation_config(model_config)
         keep_image_mode(model_config)
+
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        # Once, in the process that builds the engine's config, before any worker starts.
+        check_tensor_parallel(vllm_config.model_config.hf_config, vllm_config.parallel_config.tensor_parallel_size)
 
 
 def register_serving_defaults(architecture: str) -> None:
