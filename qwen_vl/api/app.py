@@ -8,11 +8,13 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -50,6 +52,9 @@ VERSION = "0.1.0"
 CHAT_STOP_TOKEN_IDS = [IM_END_ID, IM_START_ID]
 ENGINE_WATCH_INTERVAL = 0.5  # seconds
 ENGINE_DEAD_LINGER = 3.0  # seconds
+# The playground page and its assets; everything it loads or calls is this server.
+PLAYGROUND = Path(__file__).with_name("static")
+PLAYGROUND_CSP = "default-src 'self'; img-src 'self' data: blob:"
 
 
 class BodySizeLimit:
@@ -342,6 +347,14 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
             ],
             usage=generation.usage(job, choices),
         )
+
+    if settings.playground:
+        # No key to load it: the page holds no secret, and asks for a key when the API answers 401.
+        app.mount("/static", StaticFiles(directory=PLAYGROUND), name="static")
+
+        @app.get("/", include_in_schema=False)
+        async def playground():
+            return FileResponse(PLAYGROUND / "index.html", headers={"Content-Security-Policy": PLAYGROUND_CSP})
 
     app.openapi = lambda: openapi_without_422(app)
     return app
