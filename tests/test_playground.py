@@ -76,10 +76,11 @@ def browser(tmp_path_factory):
     options.binary_location = CHROMIUM
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1280,1000",
+                 "--disable-dev-shm-usage", "--window-size=1280,1500",
                  f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
         options.add_argument(flag)
     # An explicit driver path: selenium then never looks for (or downloads) one.
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     driver.set_script_timeout(30)
     yield driver
@@ -164,9 +165,16 @@ def assert_boxes_drawn_at(driver, turn, answer: str, image_index: int, size: tup
         assert box["h"] == pytest.approx((y2 - y1) * sy, abs=1.5)
 
 
+def script_errors(driver) -> list[str]:
+    """The page's uncaught errors and policy violations (a 401 the page handles is not one)."""
+    return [e["message"] for e in driver.get_log("browser")
+            if e["level"] == "SEVERE" and "Failed to load resource" not in e["message"]]
+
+
 def screenshot(driver, name: str) -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / name
+    driver.execute_script("window.scrollTo(0, 0)")
     driver.save_screenshot(str(path))
     return path
 
@@ -199,6 +207,7 @@ def test_a_grounded_chat_in_the_browser_draws_the_boxes_on_the_picture(browser, 
     assert GROUNDED_ANSWER.fullmatch(answer), answer
     assert_boxes_drawn_at(browser, turn, answer, 1, sizes[1])
     screenshot(browser, "playground.png")
+    assert script_errors(browser) == []
 
 
 def test_stop_aborts_the_streamed_answer(browser, server):
