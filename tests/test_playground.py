@@ -233,3 +233,24 @@ def test_stop_aborts_the_streamed_answer(browser, server):
     # Nothing arrives after the stop.
     time.sleep(1.0)
     assert find(turn, ".text").text == stopped_at
+
+
+def test_pasted_images_are_attached(browser, server):
+    browser.get(f"{server}/")
+    browser.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        const canvas = document.createElement("canvas");
+        canvas.width = 30;
+        canvas.height = 20;
+        canvas.toBlob((blob) => {
+            const clipboard = new DataTransfer();
+            for (const name of ["a.png", "b.png"]) clipboard.items.add(new File([blob], name, {type: "image/png"}));
+            document.getElementById("prompt").dispatchEvent(
+                new ClipboardEvent("paste", {clipboardData: clipboard, bubbles: true}));
+            done();
+        }, "image/png");
+    """)
+    wait_for(browser, lambda d: len(find_all(d, "#attachments img")) == 2)
+    sizes = browser.execute_script("return [...document.querySelectorAll('#attachments img')]"
+                                   ".map((img) => [img.naturalWidth, img.naturalHeight])")
+    assert sizes == [[30, 20], [30, 20]]
