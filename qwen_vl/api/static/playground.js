@@ -50,7 +50,13 @@ function askForKey(message) {
 }
 
 async function loadModel() {
-  const response = await fetch("/v1/models", { headers: headers() });
+  let response;
+  try {
+    response = await fetch("/v1/models", { headers: headers() });
+  } catch (error) {
+    $("model").textContent = `server unreachable (${error.message})`;
+    return;
+  }
   if (response.status === 401) {
     state.model = null;
     $("model").textContent = "needs an API key";
