@@ -81,7 +81,16 @@ def browser(tmp_path_factory):
         options.add_argument(flag)
     # An explicit driver path: selenium then never looks for (or downloads) one.
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    log = ARTIFACTS / "chromedriver.log"
+    # An explicit driver path: selenium then never looks for (or downloads) one.
+    try:
+        driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER, log_output=str(log)), options=options)
+    except Exception as error:
+        # Say why: the machine's other processes may starve or kill it (out of memory).
+        raise RuntimeError(f"chromium did not start: {error}\nchromedriver's log:\n{log.read_text()[-3000:]}") from error
+    # A 2-core machine busy with vLLM engines has taken minutes over one page load (selenium waits 120 s).
+    driver.command_executor.client_config.timeout = 600
     driver.set_script_timeout(30)
     yield driver
     driver.quit()
