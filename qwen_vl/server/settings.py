@@ -93,6 +93,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--image-local-root", type=Path, default=None,
         help="directory under which local image paths (file://) may be read; unset = none",
     )
+    group.add_argument(
+        "--no-playground", action="store_true",
+        help="do not serve the playground page at / (API-only deployments; / is then 404)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +161,7 @@ def parse(argv: list[str] | None = None):
         image_max_redirects=args.image_max_redirects,
         allow_private_image_urls=args.allow_private_image_urls,
         image_local_root=args.image_local_root,
+        playground=not args.no_playground,
         # vLLM's own --log-level (None unless given) also sets ours.
         log_level=(getattr(args, "log_level", None) or "info").lower(),
     )
