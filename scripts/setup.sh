@@ -7,6 +7,11 @@ cd "$(dirname "$0")/.."
 extras="${1:-cpu,dev}"
 python="${PYTHON:-python3}"
 
+# tcmalloc, which the server preloads into vLLM's CPU engine processes (vLLM asks for it).
+if ! ldconfig -p | grep libtcmalloc_minimal >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get install -y -qq libtcmalloc-minimal4 || { apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4; }; } \
+        >/dev/null 2>&1 || echo "setup: libtcmalloc-minimal4 not installed; the server runs without it" >&2
+fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)-${extras//,/_}
 if [ ! -f "$stamp" ]; then

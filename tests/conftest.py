@@ -1,5 +1,6 @@
 """Shared fixtures: real things on disk, built once per test session."""
 
+import contextlib
 import functools
 import http.server
 import os
@@ -189,3 +190,19 @@ def image_host(tmp_path_factory):
 
     yield publish
     httpd.shutdown()
+
+
+@contextlib.contextmanager
+def cpu_threads_bind(value: str):
+    """VLLM_CPU_OMP_THREADS_BIND for the engines started inside: one group of
+    cores per rank ("0|1": a rank per core; vLLM's default refuses several
+    ranks on one NUMA node)."""
+    old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+        else:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old

@@ -361,7 +361,9 @@ class ReferenceQwenVL(nn.Module):
         config = ReferenceConfig.from_json(path / "config.json")
         with torch.device("meta"):
             model = cls(config, dynamic_ntk)
-        state = {k: t.to(device=device, dtype=dtype) for k, t in read_checkpoint(path).items()}
+        state = read_checkpoint(path)
+        for name in state:  # one tensor at a time: memory peaks at the converted model, not both copies
+            state[name] = state[name].to(device=device, dtype=dtype)
         model.load_state_dict(state, strict=True, assign=True)  # strict: none missing or unused
         return model.eval()
 

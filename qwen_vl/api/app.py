@@ -18,16 +18,14 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from qwen_vl.model_executor.tokenizer import IM_END_ID, IM_START_ID
 from qwen_vl.engine import metrics
 from qwen_vl.engine.engine import Engine
-from .settings import Settings
+from qwen_vl.model_executor.tokenizer import IM_END_ID, IM_START_ID
 
 from . import generation
 from .errors import APIError, error_body, install_error_handlers
 from .images import ImageLimits, new_client
 from .prompt import Prompt, PromptBuilder, PromptError, truncate
-from .sampling import sampling_params
 from .protocol import (
     AssistantMessage,
     ChatChoice,
@@ -49,6 +47,8 @@ from .protocol import (
     TokenizeCompletionRequest,
     TokenizeResponse,
 )
+from .sampling import sampling_params
+from .settings import Settings
 
 logger = logging.getLogger("qwen_vl.api")
 VERSION = "0.1.0"

@@ -15,12 +15,13 @@ CHAT_TEMPLATE = Path(__file__).with_name("chat_template.jinja")
 
 def register() -> None:
     from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     from vllm.transformers_utils.chat_templates.registry import (
         get_chat_template_fallback_path,
         register_chat_template_fallback_path,
     )
 
-    from .config import register_config
+    from .config import VerifyParallelSizes, register_config
     from .renderer import register_renderer
     from .serving import register_serving_defaults
     from .tokenizer import register_tokenizer
@@ -31,6 +32,8 @@ def register() -> None:
     register_serving_defaults(ARCHITECTURE)
     if get_chat_template_fallback_path(MODEL_TYPE, "") != CHAT_TEMPLATE:
         register_chat_template_fallback_path(MODEL_TYPE, CHAT_TEMPLATE)
+    # Parallel sizes are checked where vLLM checks its own models' (VllmConfig).
+    MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, VerifyParallelSizes)
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         # Lazy "module:class" form: the model module imports torch layers that
         # must not initialise a device in the process that registers.

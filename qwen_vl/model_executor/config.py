@@ -98,3 +98,38 @@ def register_config() -> None:
     entry point does); registering only in the parent leaves children to a failing retry loop.
     """
     transformers.AutoConfig.register(QWenConfig.model_type, QWenConfig, exist_ok=True)
+
+
+def tensor_parallel_sizes(config: QWenConfig) -> dict[str, int]:
+    """The sizes that tensor parallelism splits across ranks (the adapter is
+    replicated; vLLM itself checks the decoder's heads and pads the vocabulary)."""
+    visual = config.visual
+    return {
+        "intermediate_size // 2 (decoder MLP width)": config.intermediate_size // 2,
+        "visual.heads (ViT heads)": visual["heads"],
+        "int(visual.width * visual.mlp_ratio) (ViT MLP width)": int(visual["width"] * visual["mlp_ratio"]),
+    }
+
+
+def check_tensor_parallel(config: QWenConfig, tp_size: int) -> None:
+    """A clear error at start for a split that vLLM's parallel layers would
+    otherwise refuse deep inside model construction, on every rank."""
+    for name, size in tensor_parallel_sizes(config).items():
+        if size % tp_size:
+            raise ValueError(
+                f"Qwen-VL: {name} = {size} is not divisible by the tensor-parallel size {tp_size}; "
+                f"choose a --tensor-parallel-size that divides it"
+            )
+
+
+class VerifyParallelSizes:
+    """vLLM's per-architecture config hook (`MODELS_CONFIG_MAP`), run once in
+    the process that builds the engine's config, before any worker starts."""
+
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        check_tensor_parallel(vllm_config.model_config.hf_config, vllm_config.parallel_config.tensor_parallel_size)
+
+    @staticmethod
+    def verify_and_update_model_config(model_config) -> None:
+        return

@@ -12,10 +12,9 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
-from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
 from vllm.logger import init_logger
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
@@ -29,8 +28,20 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMRoPE, SupportsMultiModal
-from vllm.model_executor.models.utils import _merge_multimodal_embeddings, maybe_prefix
+from vllm.model_executor.models.interfaces import (
+    MultiModalEmbeddings,
+    SupportsMRoPE,
+    SupportsMultiModal,
+    SupportsPP,
+)
+from vllm.model_executor.models.utils import (
+    PPMissingLayer,
+    _merge_multimodal_embeddings,
+    is_pp_missing_parameter,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFeatureSpec
 from vllm.sequence import IntermediateTensors
@@ -38,7 +49,7 @@ from vllm.sequence import IntermediateTensors
 from .config import QWenConfig
 from .processor import QwenVLDummyInputsBuilder, QwenVLMultiModalProcessor, QwenVLProcessingInfo
 from .rotary import NTKRotaryEmbedding, alpha_codes_needed, encoded_positions, logn_scale_table
-from .visual import VisionTransformer
+from .visual import NUM_QUERIES, VisionTransformer
 
 logger = init_logger(__name__)
 
@@ -155,10 +166,14 @@ def positions_per_alpha(vllm_config: VllmConfig) -> int:
 
 
 # Positions arrive as M-RoPE's [3, num_tokens] (rotary.py says why); their last dim varies.
-@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": -1, "inputs_embeds": 0})
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": 0, "positions": -1, "intermediate_tensors": 0, "inputs_embeds": 0}
+)
 class QWenModel(nn.Module):
     """The checkpoint's `transformer`: embeddings, blocks, final norm, and the
-    visual tower (which vLLM runs separately, through `embed_multimodal`)."""
+    visual tower (which vLLM runs separately, through `embed_multimodal`).
+    Under pipeline parallelism each rank builds its share of the blocks; the
+    first also the embeddings and the visual tower, the last the final norm."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -172,13 +187,21 @@ class QWenModel(nn.Module):
             vllm_config.model_config.dtype,
         )
 
-        self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size, prefix=f"{prefix}.wte")
-        self.h = nn.ModuleList(
-            QWenBlock(config, self.rotary_emb, cache_config, quant_config, f"{prefix}.h.{i}")
-            for i in range(config.num_hidden_layers)
+        pp = get_pp_group()
+        self.wte = (
+            VocabParallelEmbedding(config.vocab_size, config.hidden_size, prefix=f"{prefix}.wte")
+            if pp.is_first_rank else PPMissingLayer()
         )
-        self.ln_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self.visual = VisionTransformer(config.visual, prefix=f"{prefix}.visual")
+        self.start_layer, self.end_layer, self.h = make_layers(
+            config.num_hidden_layers,
+            lambda prefix: QWenBlock(config, self.rotary_emb, cache_config, quant_config, prefix),
+            prefix=f"{prefix}.h",
+        )
+        self.ln_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon) if pp.is_last_rank else PPMissingLayer()
+        self.visual = VisionTransformer(config.visual, prefix=f"{prefix}.visual") if pp.is_first_rank else PPMissingLayer()
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states", "residual"], config.hidden_size
+        )
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.wte(input_ids)
@@ -189,12 +212,17 @@ class QWenModel(nn.Module):
         positions: torch.Tensor,
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | IntermediateTensors:
         positions = positions[0]  # the three M-RoPE rows are equal
-        hidden_states = inputs_embeds if inputs_embeds is not None else self.wte(input_ids)
-        residual = None
-        for block in self.h:
+        if get_pp_group().is_first_rank:
+            hidden_states = inputs_embeds if inputs_embeds is not None else self.wte(input_ids)
+            residual = None
+        else:
+            hidden_states, residual = intermediate_tensors["hidden_states"], intermediate_tensors["residual"]
+        for block in self.h[self.start_layer:self.end_layer]:
             hidden_states, residual = block(positions, hidden_states, residual)
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})
         hidden_states, _ = self.ln_f(hidden_states, residual)
         return hidden_states
 
@@ -202,7 +230,7 @@ class QWenModel(nn.Module):
 @MULTIMODAL_REGISTRY.register_processor(
     QwenVLMultiModalProcessor, info=QwenVLProcessingInfo, dummy_inputs=QwenVLDummyInputsBuilder
 )
-class QWenLMHeadModel(nn.Module, SupportsMultiModal, SupportsMRoPE):
+class QWenLMHeadModel(nn.Module, SupportsMultiModal, SupportsMRoPE, SupportsPP):
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
         # Only used when vLLM's server renders chat in the "string" content format: it
@@ -219,7 +247,9 @@ class QWenLMHeadModel(nn.Module, SupportsMultiModal, SupportsMRoPE):
         self.transformer = QWenModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "transformer"))
         self.lm_head = ParallelLMHead(
             config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config, prefix=maybe_prefix(prefix, "lm_head")
-        )
+        ) if get_pp_group().is_last_rank else PPMissingLayer()
+        self.make_empty_intermediate_tensors = self.transformer.make_empty_intermediate_tensors
+        self.dtype = vllm_config.model_config.dtype
         self.logits_processor = LogitsProcessor(config.vocab_size)
         self.positions_per_alpha = positions_per_alpha(vllm_config)
 
@@ -241,6 +271,9 @@ class QWenLMHeadModel(nn.Module, SupportsMultiModal, SupportsMRoPE):
             return []
         if isinstance(pixel_values, (list, tuple)):
             pixel_values = torch.stack(list(pixel_values))
+        if isinstance(self.transformer.visual, PPMissingLayer):
+            # Only the first pipeline stage encodes images; vLLM's memory profiling asks all.
+            return torch.zeros(len(pixel_values), NUM_QUERIES, self.config.hidden_size, dtype=self.dtype)
         # One call encodes every image scheduled in this step, across requests.
         return self.transformer.visual(pixel_values)
 
@@ -263,7 +296,7 @@ class QWenLMHeadModel(nn.Module, SupportsMultiModal, SupportsMRoPE):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
         **kwargs: object,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | IntermediateTensors:
         return self.transformer(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
@@ -281,6 +314,8 @@ class QWenLMHeadModel(nn.Module, SupportsMultiModal, SupportsMRoPE):
                 if ckpt_part in name:
                     target, shard = name.replace(ckpt_part, param_part), shard_id
                     break
+            if is_pp_missing_parameter(target, self):
+                continue  # another pipeline stage's
             param = params.get(target)
             if param is None:
                 raise ValueError(f"unexpected tensor in the checkpoint: {name}")

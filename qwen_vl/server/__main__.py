@@ -6,19 +6,25 @@ requests in flight finish within the grace period), 1 if the engine died,
 so that an orchestrator restarts the process."""
 
 import logging
-import os
 import signal
 import sys
 
 
 def main(argv: list[str] | None = None) -> None:
-    # On CPU, vLLM otherwise sizes its KV cache as a fraction of all RAM and
-    # refuses to start when the page cache makes "available" look small.
-    # Ignored on GPUs.
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from qwen_vl.server.settings import parse
 
-    settings, engine_args = parse(argv)
+    settings, engine_args, args = parse(argv)
+    from qwen_vl.server.cpu import apply_cpu_defaults
+
+    # Before the engine starts: its processes read these variables.
+    apply_cpu_defaults(engine_args, args.cpu_threads_bind, args.cpu_preload)
+    if args.headless:
+        from vllm.entrypoints.cli.serve import run_headless
+
+        # The frontend-only settings its runner reads; this node serves no API.
+        args.api_server_count, args.reasoning_parser_plugin = 1, None
+        run_headless(args)
+        return
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )

@@ -97,6 +97,24 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-playground", action="store_true",
         help="do not serve the playground page at / (API-only deployments; / is then 404)",
     )
+    group.add_argument(
+        "--headless", action="store_true",
+        help="multi-node: run this node's engine workers only, no HTTP server (with --nnodes N, --node-rank R "
+        "> 0 and --master-addr of node 0, which serves the API); vLLM's headless runner",
+    )
+    cpu = parser.add_argument_group("CPU platform")
+    cpu.add_argument(
+        "--cpu-threads-bind", default=None, metavar="BIND",
+        help="cores the engine's ranks compute on, in vLLM's VLLM_CPU_OMP_THREADS_BIND syntax ('0-3'; one "
+        "group per rank: '0-1|2-3'; 'auto' = vLLM's default, which keeps a core per rank free; 'nobind'). "
+        "Unset: every allowed core, one thread per physical core, split evenly among the ranks on this node. "
+        "VLLM_CPU_OMP_THREADS_BIND in the environment, if set, wins",
+    )
+    cpu.add_argument(
+        "--cpu-preload", action=argparse.BooleanOptionalAction, default=True,
+        help="preload tcmalloc and Intel's OpenMP (libiomp5) into the engine's processes when installed and "
+        "LD_PRELOAD is unset (vLLM asks for both)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str] | None = None):
-    """-> (Settings, vLLM AsyncEngineArgs)."""
+    """-> (the API's Settings, vLLM AsyncEngineArgs, the parsed namespace: the process-level
+    settings (CPU binding, preloads, --headless) and vLLM's headless runner read it)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     args = build_parser().parse_args(argv)
@@ -165,4 +184,4 @@ def parse(argv: list[str] | None = None):
         # vLLM's own --log-level (None unless given) also sets ours.
         log_level=(getattr(args, "log_level", None) or "info").lower(),
     )
-    return settings, engine_args
+    return settings, engine_args, args
