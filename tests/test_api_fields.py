@@ -6,15 +6,14 @@ checkpoint, float32, greedy where the answer is compared."""
 import base64
 import io
 import json
+import socket
+from urllib.parse import urlsplit
 
 import httpx
 import jsonschema
 import pytest
 
 from qwen_vl.api.grounding import parse_grounding
-import socket
-from urllib.parse import urlsplit
-
 from qwen_vl.model_executor.tokenizer import ENDOFTEXT_ID, IM_END_ID, IMG_PAD_ID
 from tests.conftest import API_KEY, SERVED_MODEL, assert_error, chat_body
 from tests.images import pattern_image
@@ -292,7 +291,7 @@ def test_tokenize_counts_a_chat_with_images_as_the_chat_endpoint_does(server, pa
     answer = ok(server, "/v1/chat/completions", chat_body(messages[0]["content"], return_token_ids=True))
     assert counted["tokens"] == answer["prompt_token_ids"]
     assert counted["count"] == answer["usage"]["prompt_tokens"] == len(counted["tokens"])
-    assert counted["max_model_len"] == 2048
+    assert counted["max_model_len"] == 8192
     assert counted["tokens"].count(IMG_PAD_ID) == 2 * 256  # two images, <img> + 256 pads + </img> each
 
 

@@ -3,6 +3,7 @@ physical core, an even share per rank on this node), the preloads vLLM asks
 for when installed, and a user's explicit choice always wins."""
 
 import os
+from pathlib import Path
 
 import pytest
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -11,6 +12,7 @@ from qwen_vl.server import cpu
 from qwen_vl.server.settings import build_parser
 
 TWO_CORES = [(0, 0, 0), (1, 1, 0)]
+REAL_CHECKPOINT = Path(__file__).parent / "data" / "qwen-vl-chat"  # the real config.json
 
 
 def test_one_rank_computes_on_every_core():
@@ -80,10 +82,19 @@ def test_an_explicit_environment_wins(clean_environment, monkeypatch):
     assert os.environ["LD_PRELOAD"] == "libmine.so"
 
 
-def test_kv_cache_gets_a_size_that_fits(clean_environment, monkeypatch):
+@pytest.mark.parametrize(("checkpoint", "flags", "gib"), [
+    ("tiny", [], "2"),  # 8192 positions take 16 MiB: the 2 GiB floor
+    ("real", [], "5"),  # 32 layers x 4096 x K,V in bfloat16: 4 GiB for 8192 positions, and a margin
+    ("real", ["--max-model-len", "2048"], "2"),
+    ("real", ["--dtype", "float32"], "9"),
+])
+def test_kv_cache_admits_one_request_of_the_whole_context(
+    clean_environment, monkeypatch, tiny_checkpoint, checkpoint, flags, gib
+):
     monkeypatch.delenv(cpu.KV_CACHE_ENV, raising=False)
-    cpu.apply_cpu_defaults(engine_args(), None, preload=False)
-    assert os.environ[cpu.KV_CACHE_ENV] == "2"
+    model = str(tiny_checkpoint if checkpoint == "tiny" else REAL_CHECKPOINT)
+    cpu.apply_cpu_defaults(engine_args("--model", model, *flags), None, preload=False)
+    assert os.environ[cpu.KV_CACHE_ENV] == gib
 
 
 def test_eager_pipeline_parallelism_is_refused_at_start_saying_what_works(clean_environment):

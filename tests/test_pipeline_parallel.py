@@ -25,7 +25,7 @@ def pp_engine(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
-def test_two_stages_match_reference(name, pp_engine, parity_cases, reference):
+def test_two_stages_match_reference(name, pp_engine, parity_cases, reference):  # noqa: F811 (the fixture)
     prompt_ids, images = parity_cases[name]
     expected = reference.generate_greedy(prompt_ids, images, max_new_tokens=16)
     assert_matches_reference(pp_engine, prompt_ids, images, expected)

@@ -9,8 +9,17 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from tests.reference import (IM_END_ID, IM_START_ID, IMAGE_END_ID, IMAGE_PAD_ID, IMAGE_START_ID,
-                             ReferenceConfig, ReferenceQwenVL, ReferenceTokenizer, preprocess)
+from tests.reference import (
+    IM_END_ID,
+    IM_START_ID,
+    IMAGE_END_ID,
+    IMAGE_PAD_ID,
+    IMAGE_START_ID,
+    ReferenceConfig,
+    ReferenceQwenVL,
+    ReferenceTokenizer,
+    preprocess,
+)
 
 REAL_CHECKPOINT = "/work/shared/qwen-vl-chat"
 TINY_CONFIG = {

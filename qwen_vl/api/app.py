@@ -8,24 +8,24 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from qwen_vl.model_executor.tokenizer import IM_END_ID, IM_START_ID
 from qwen_vl.engine import metrics
 from qwen_vl.engine.engine import Engine
-from .settings import Settings
+from qwen_vl.model_executor.tokenizer import IM_END_ID, IM_START_ID
 
 from . import generation
 from .errors import APIError, error_body, install_error_handlers
 from .images import ImageLimits, new_client
 from .prompt import Prompt, PromptBuilder, PromptError, truncate
-from .sampling import sampling_params
 from .protocol import (
     AssistantMessage,
     ChatChoice,
@@ -47,6 +47,8 @@ from .protocol import (
     TokenizeCompletionRequest,
     TokenizeResponse,
 )
+from .sampling import sampling_params
+from .settings import Settings
 
 logger = logging.getLogger("qwen_vl.api")
 VERSION = "0.1.0"
@@ -55,6 +57,9 @@ VERSION = "0.1.0"
 CHAT_STOP_TOKEN_IDS = [IM_END_ID, IM_START_ID]
 ENGINE_WATCH_INTERVAL = 0.5  # seconds
 ENGINE_DEAD_LINGER = 3.0  # seconds
+# The playground page and its assets; everything it loads or calls is this server.
+PLAYGROUND = Path(__file__).with_name("static")
+PLAYGROUND_CSP = "default-src 'self'; img-src 'self' data: blob:"
 
 
 class BodySizeLimit:
@@ -441,6 +446,16 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
     for prefix in ("", "/v1"):
         app.post(f"{prefix}/tokenize", responses=ERROR_RESPONSES)(tokenize)
         app.post(f"{prefix}/detokenize", responses=ERROR_RESPONSES)(detokenize)
+
+
+    if settings.playground:
+        # No key to load it: the page holds no secret, and asks for a key when the API answers 401.
+        app.mount("/static", StaticFiles(directory=PLAYGROUND), name="static")
+
+        @app.get("/", include_in_schema=False)
+        async def playground():
+            return FileResponse(PLAYGROUND / "index.html", headers={"Content-Security-Policy": PLAYGROUND_CSP})
+
 
     app.openapi = lambda: openapi_document(app, settings)
     return app

@@ -14,8 +14,8 @@ import httpx
 from fastapi import Request
 from PIL import Image
 from vllm import SamplingParams
-from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.exceptions import VLLMValidationError
+from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from qwen_vl.engine import metrics

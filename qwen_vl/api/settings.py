@@ -25,4 +25,5 @@ class Settings:
     image_max_redirects: int
     allow_private_image_urls: bool
     image_local_root: Path | None
+    playground: bool
     log_level: str

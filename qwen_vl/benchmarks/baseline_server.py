@@ -2,8 +2,8 @@
 
 One request at a time (an asyncio lock), each a plain PyTorch forward with a growing KV cache:
 the independent reference model of the test suite (`tests.reference.ReferenceQwenVL`, imported,
-not copied), driven token by token as its `generate` does, so that tokens can be streamed. Prompts come from our `PromptBuilder`, so every system under test sees
-the same token ids. It streams `/v1/chat/completions` (SSE, with `usage`) and answers
+not copied), driven token by token as its `generate` does, so that tokens can be streamed.
+Prompts come from our `PromptBuilder`, so every system under test sees the same token ids. It streams `/v1/chat/completions` (SSE, with `usage`) and answers
 `/health` and `/v1/models`; only data: URLs are accepted, and sampling is greedy.
 
     python -m qwen_vl.benchmarks.baseline_server --model DIR --served-model-name NAME --port 8001

@@ -20,7 +20,7 @@ from pathlib import Path
 from .compare import SERVED_MODEL, Server, checkpoint_for, free_port, machine
 from .load import benchmark
 from .report import replace_section
-from .workloads import Request, _user_message, build_workload, WORDS
+from .workloads import WORDS, Request, _user_message, build_workload
 
 
 def longest_request(max_tokens: int, context: int = 8192) -> Request:

@@ -17,7 +17,6 @@ and, with --markdown, into that file's `## --section` (the rest of the file is k
 Raw results: --out-dir/<setup>/ours-c<N>.json and the server logs.
 """
 
-import argparse
 import json
 import os
 import shlex

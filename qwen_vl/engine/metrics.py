@@ -2,7 +2,6 @@
 registry next to vLLM's own `vllm:` families, so one /metrics serves both."""
 
 from prometheus_client import Counter, Gauge, Histogram
-
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)

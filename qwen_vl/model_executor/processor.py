@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import BatchFeature
-
 from vllm.config.multimodal import MultiModalDummyOptions
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems, MultiModalDataParser

@@ -1,7 +1,7 @@
 """What the plugin sets in vLLM's config so that `vllm serve` answers as the
 original does, with no extra flags. The checkpoint's files stay as downloaded.
 
-Stops. 
+Stops.
 vLLM stops a request at the eos ids of the checkpoint's generation_config.json.
 Qwen-VL-Chat's names only `<|endoftext|>`; the original chat() (with
 `chat_format: "chatml"` in that file) also stops at `<|im_end|>` and

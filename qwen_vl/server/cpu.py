@@ -1,5 +1,7 @@
 """Defaults that make vLLM's CPU platform use the whole machine, and a KV
-cache size that fits it (2 GiB unless VLLM_CPU_KVCACHE_SPACE says otherwise).
+cache size that fits it: 2 GiB, or what one request of the whole context
+needs if that is more (the real Qwen-VL-Chat: 4 GiB for 8192 positions in
+bfloat16), unless VLLM_CPU_KVCACHE_SPACE says otherwise.
 
 vLLM binds each engine rank's OpenMP threads to the cores in
 `VLLM_CPU_OMP_THREADS_BIND`. Its default (`auto`) keeps one core per rank
@@ -18,13 +20,14 @@ in this process before the engine starts is enough.
 """
 
 import ctypes.util
+import math
 import os
 import sys
 from pathlib import Path
 
 BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
-KV_CACHE_GIB = "2"
+KV_CACHE_MIN_GIB = 2
 
 
 def local_ranks(engine_args) -> int:
@@ -91,6 +94,24 @@ def preload_libraries() -> list[str]:
     return found
 
 
+def kv_cache_gib(engine_args) -> int:
+    """GiB of KV cache that admit one request of the whole context (keys and
+    values of every layer), at least KV_CACHE_MIN_GIB."""
+    from vllm.transformers_utils.config import get_config
+
+    from qwen_vl.model_executor.config import register_config
+
+    register_config()
+    try:
+        config = get_config(engine_args.model, trust_remote_code=False, revision=engine_args.revision)
+    except (OSError, ValueError):
+        return KV_CACHE_MIN_GIB  # vLLM will say what is wrong with the model when it starts
+    context = engine_args.max_model_len or getattr(config, "model_max_length", None) or 2048
+    width = 4 if str(engine_args.dtype) in ("float32", "float") else 2
+    per_token = 2 * config.num_hidden_layers * config.hidden_size * width
+    return max(KV_CACHE_MIN_GIB, math.ceil(per_token * context * 1.05 / 2**30))
+
+
 def apply_cpu_defaults(engine_args, threads_bind_setting: str | None, preload: bool) -> None:
     """Set the KV cache size, the binding and the preloads in os.environ for
     vLLM's engine processes; nothing on other platforms or where the user
@@ -109,7 +130,8 @@ def apply_cpu_defaults(engine_args, threads_bind_setting: str | None, preload: b
         )
     # Without a size, vLLM sizes its KV cache as a share of all RAM and refuses to start
     # when the page cache makes "available" look small.
-    os.environ.setdefault(KV_CACHE_ENV, KV_CACHE_GIB)
+    if KV_CACHE_ENV not in os.environ:
+        os.environ[KV_CACHE_ENV] = str(kv_cache_gib(engine_args))
     if BIND_ENV not in os.environ:
         os.environ[BIND_ENV] = threads_bind_setting or threads_bind(local_ranks(engine_args), allowed_cpus())
     if preload and "LD_PRELOAD" not in os.environ:

@@ -94,6 +94,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         help="directory under which local image paths (file://) may be read; unset = none",
     )
     group.add_argument(
+        "--no-playground", action="store_true",
+        help="do not serve the playground page at / (API-only deployments; / is then 404)",
+    )
+    group.add_argument(
         "--headless", action="store_true",
         help="multi-node: run this node's engine workers only, no HTTP server (with --nnodes N, --node-rank R "
         "> 0 and --master-addr of node 0, which serves the API); vLLM's headless runner",
@@ -176,6 +180,7 @@ def parse(argv: list[str] | None = None):
         image_max_redirects=args.image_max_redirects,
         allow_private_image_urls=args.allow_private_image_urls,
         image_local_root=args.image_local_root,
+        playground=not args.no_playground,
         # vLLM's own --log-level (None unless given) also sets ours.
         log_level=(getattr(args, "log_level", None) or "info").lower(),
     )
