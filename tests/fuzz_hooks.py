@@ -6,7 +6,7 @@ schema allows any max_tokens and the tiny model spends ~50 ms per token here.
 Requests drawn as valid are then made valid in the ways a JSON schema cannot
 say, each of which this server (like vLLM's) answers with a 400 that names
 the field: the served model's name, a conversation that ends with the user,
-images that can be fetched, no sampling n > 1 when greedy, and the few
+images that can be fetched (none in raw prompts), no sampling n > 1 when greedy, and the few
 field combinations vLLM refuses. Invalid requests are left as drawn."""
 
 import base64
@@ -58,6 +58,15 @@ def _valid_conversation(messages: list) -> None:
                     part["image_url"]["url"] = IMAGE_URL
 
 
+def _without_image_tags(prompt):
+    """A raw prompt's `<img>URL</img>` spans must hold fetchable images: none here."""
+    if isinstance(prompt, str):
+        return prompt.replace("<img>", "").replace("</img>", "")
+    if isinstance(prompt, list):
+        return [_without_image_tags(p) or "." for p in prompt]
+    return prompt
+
+
 def _valid_combination(body: dict) -> None:
     if "model" in body:
         body["model"] = SERVED_MODEL
@@ -74,7 +83,7 @@ def _valid_combination(body: dict) -> None:
             body.pop("logprobs", None)
     if body.get("top_logprobs"):
         body["logprobs"] = True
-    if isinstance(body.get("min_tokens"), int) and body["min_tokens"] > 1:
+    if isinstance(body.get("min_tokens"), (int, float)) and body["min_tokens"] > 1:
         body["min_tokens"] = 1  # at most max_tokens, which may be 1
     # Constraints a grammar backend can compile and the tiny model can meet within MAX_TOKENS.
     body.pop("response_format", None)
@@ -94,6 +103,8 @@ def before_call(ctx, case, **kwargs):
         return
     if isinstance(body.get("messages"), list):
         _valid_conversation(body["messages"])
+    if "prompt" in body:
+        body["prompt"] = _without_image_tags(body["prompt"]) or "."
     _valid_combination(body)
 
 

@@ -125,8 +125,9 @@ class CountRequests:
     """qwen_vl_requests_total by route and status. Plain ASGI: Starlette's
     BaseHTTPMiddleware would relay every streamed chunk through a queue."""
 
-    def __init__(self, app: ASGIApp):
+    def __init__(self, app: ASGIApp, routes: list):
         self.app = app
+        self.routes = routes  # the app's, filled in once the routes are defined
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send):
         if scope["type"] != "http":
@@ -143,7 +144,9 @@ class CountRequests:
             await self.app(scope, receive, record_status)
         finally:
             route = scope.get("route")
-            endpoint = route.path if route is not None else "other"
+            # Requests RequireKey refused never reached the router: named by their path if it is a route's.
+            paths = {getattr(r, "path", None) for r in self.routes}
+            endpoint = route.path if route is not None else scope["path"] if scope["path"] in paths else "other"
             metrics.REQUESTS.labels(endpoint=endpoint, status=str(status)).inc()
 
 
@@ -199,7 +202,7 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
         local_root=settings.image_local_root,
     )
 
-    app.add_middleware(CountRequests)
+    app.add_middleware(CountRequests, routes=app.router.routes)
 
     def check_model(name: str | None) -> None:
         if name is not None and name not in (settings.served_model_name, settings.model):
