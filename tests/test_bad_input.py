@@ -198,7 +198,7 @@ def test_a_lone_surrogate_escape_in_text_is_refused(server, path, body):
     # Valid JSON ("\ud800"), but no Unicode text: the tokenizer cannot take it.
     content = json.dumps(body).replace("@@", "a\\ud800b").encode()
     param = "prompt" if path == "/v1/completions" else "messages"
-    assert_error(post(server, path, content=content), 400, param=param, says="lone surrogate")
+    assert_error(post(server, path, content=content), 400, param=param, says="unicode")
 
 
 # ---- absurd parameters and shapes --------------------------------------------------
@@ -253,7 +253,7 @@ def test_a_conversation_of_only_a_system_message_is_refused(server):
 
 def test_a_100000_character_word_is_refused_for_its_length(server):
     response = post(server, "/v1/chat/completions", chat_body("a" * 100_000))
-    assert_error(response, 400, code="context_length_exceeded", param="messages", says="context is 2048 tokens")
+    assert_error(response, 400, code="context_length_exceeded", param="messages", says="context is 8192 tokens")
 
 
 def test_a_100000_character_completion_prompt_is_refused_for_its_length(server):
@@ -263,7 +263,7 @@ def test_a_100000_character_completion_prompt_is_refused_for_its_length(server):
 
 def test_an_empty_completion_prompt_is_refused(server):
     body = {"model": SERVED_MODEL, "prompt": "", "max_tokens": 2}
-    assert_error(post(server, "/v1/completions", body), 400, param="prompt", says="the prompt is empty")
+    assert_error(post(server, "/v1/completions", body), 400, param="prompt", says="at least 1 character")
 
 
 def test_a_stop_sequence_of_a_million_characters_is_harmless(server):

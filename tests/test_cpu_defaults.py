@@ -53,8 +53,12 @@ def test_ranks_on_this_node(flags, ranks):
 
 @pytest.fixture
 def clean_environment(monkeypatch):
-    monkeypatch.delenv(cpu.BIND_ENV, raising=False)
-    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    # apply_cpu_defaults writes os.environ itself: set each variable through monkeypatch
+    # first, so that teardown restores it and no later test's engine inherits a binding.
+    for name in (cpu.BIND_ENV, "LD_PRELOAD"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv(cpu.KV_CACHE_ENV, os.environ.get(cpu.KV_CACHE_ENV, "1"))
     monkeypatch.setattr(cpu, "allowed_cpus", lambda: TWO_CORES)
 
 

@@ -24,7 +24,8 @@ def answer(llm: LLM):
 
 def test_bin_shards_give_the_same_logits_as_safetensors(engine, tiny_checkpoint_bin):
     assert not list(tiny_checkpoint_bin.glob("*.safetensors"))
-    from_bin = LLM(model=str(tiny_checkpoint_bin), dtype="float32", enforce_eager=True, max_model_len=2048, seed=0)
+    # The session engine's settings (context 8192), so that only the weights' format differs.
+    from_bin = LLM(model=str(tiny_checkpoint_bin), dtype="float32", enforce_eager=True, seed=0)
     try:
         assert answer(from_bin) == answer(engine)
     finally:

@@ -28,7 +28,7 @@ GROUNDED_ANSWER = re.compile(r"<ref>[^<]{1,40}</ref><box>\(\d{1,3},\d{1,3}\),\(\
 
 def app_client(*flags: str) -> TestClient:
     """The app without its engine (its lifespan is not entered): enough for the page."""
-    settings, _ = parse(["--model", "unused", "--api-key", API_KEY, *flags])
+    settings, _, _ = parse(["--model", "unused", "--api-key", API_KEY, *flags])
     return TestClient(create_app(settings, engine=None))
 
 

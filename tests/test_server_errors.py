@@ -324,7 +324,7 @@ def test_bad_requests_in_flight_do_not_disturb_a_good_one(server, image_host):
     bad = [
         ("/v1/chat/completions", with_image(data_url(b"garbage")), None),
         ("/v1/chat/completions", with_image(missing), None),
-        ("/v1/chat/completions", chat_body(" ".join(["word"] * 3000)), None),
+        ("/v1/chat/completions", chat_body(" ".join(["word"] * 9000)), None),
         ("/v1/chat/completions", chat_body(temperature=-1), None),
         ("/v1/completions", {"model": "gpt-9", "prompt": "Hi"}, None),
         ("/v1/chat/completions", None, b"{not json"),
