@@ -197,8 +197,9 @@ def test_non_finite_sampling_values_are_refused(server, field, value):
 def test_a_lone_surrogate_escape_in_text_is_refused(server, path, body):
     # Valid JSON ("\ud800"), but no Unicode text: the tokenizer cannot take it.
     content = json.dumps(body).replace("@@", "a\\ud800b").encode()
-    param = "prompt" if path == "/v1/completions" else "messages"
-    assert_error(post(server, path, content=content), 400, param=param, says="unicode")
+    # Completion prompts are strings in the schema, so pydantic refuses it (invalid_value).
+    param, code = ("prompt", "invalid_value") if path == "/v1/completions" else ("messages", None)
+    assert_error(post(server, path, content=content), 400, code=code, param=param, says="unicode")
 
 
 # ---- absurd parameters and shapes --------------------------------------------------
@@ -263,7 +264,7 @@ def test_a_100000_character_completion_prompt_is_refused_for_its_length(server):
 
 def test_an_empty_completion_prompt_is_refused(server):
     body = {"model": SERVED_MODEL, "prompt": "", "max_tokens": 2}
-    assert_error(post(server, "/v1/completions", body), 400, param="prompt", says="at least 1 character")
+    assert_error(post(server, "/v1/completions", body), 400, code="invalid_value", param="prompt", says="at least 1 character")
 
 
 def test_a_stop_sequence_of_a_million_characters_is_harmless(server):

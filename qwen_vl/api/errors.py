@@ -51,9 +51,10 @@ def error_response(
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
-# Pydantic names the member of a union it tried ("str", "list[...]") and a
-# tagged union's tag in an error's location; the client's field path has neither.
-_UNION_MEMBERS = ("str", "int", "float", "bool")
+# Pydantic names the member of a union it tried ("str", "constrained-str",
+# "list[...]") and a tagged union's tag in an error's location; the client's
+# field path has neither.
+_UNION_MEMBERS = ("str", "constrained-str", "int", "constrained-int", "float", "bool")
 
 
 def _location(loc) -> str | None:
