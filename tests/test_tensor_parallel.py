@@ -6,6 +6,7 @@ built, naming the size."""
 
 import gc
 import json
+import os
 import shutil
 
 import pytest
@@ -53,6 +54,8 @@ def real_widths_engine(request, real_widths_checkpoint, expected):
     gc.collect()
 
 
+@pytest.mark.skipif(os.environ.get("QWEN_VL_REAL_WIDTHS_TESTS") != "1",
+                    reason="real widths need ~14 GB beside the suite's engines: QWEN_VL_REAL_WIDTHS_TESTS=1 runs them")
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_real_widths_match_reference(name, real_widths_engine, expected):
     prompt_ids, images, answer = expected[name]
