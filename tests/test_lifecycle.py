@@ -3,6 +3,7 @@ own server, since each ends it."""
 
 import asyncio
 import json
+import os
 import signal
 import time
 
@@ -66,6 +67,47 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits_0(tiny_checkpoint, tm
                     finish = choice.get("finish_reason") or finish
     assert finish == "length"
     assert process.wait(timeout=60) == 0
+
+
+TEARDOWN_PROBE = """
+import os
+
+
+class _Probe:
+    # Destroyed by the interpreter's teardown, if the process goes through one.
+    def __del__(self, _open=open, _join=os.path.join, _pid=os.getpid):
+        with _open(_join({directory!r}, str(_pid())), "w"):
+            pass
+
+
+_probe = _Probe()
+"""
+
+
+def test_idle_server_stops_cleanly_on_sigterm(tiny_checkpoint, tmp_path, monkeypatch):
+    """No engine process outlives the server, none has to be force-killed (vLLM gives its
+    engine core 5 s, then kills it and logs a warning), and none spends ~2 s in the
+    interpreter's teardown (qwen_vl.model_executor.exit): a probe object in every process of
+    the server writes a file if it is destroyed by one. The stop time is printed, not asserted."""
+    probes = tmp_path / "torn-down"
+    probes.mkdir()
+    (tmp_path / "sitecustomize.py").write_text(TEARDOWN_PROBE.format(directory=str(probes)))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    log = tmp_path / "log"
+    process, url = start_server(tiny_checkpoint, log)
+    children = psutil.Process(process.pid).children(recursive=True)
+    engine = {p.pid for p in children if p.name().startswith("VLLM::")}
+    assert len(engine) >= 2, [p.cmdline() for p in children]  # EngineCore and its worker
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    print(f"idle server stopped in {time.monotonic() - started:.2f} s")
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive, [p.cmdline() for p in alive]
+    text = log.read_text()
+    assert "force killing" not in text and "Traceback" not in text, text[-3000:]
+    torn_down = {int(path.name) for path in probes.iterdir()}
+    assert not torn_down & (engine | {process.pid}), (torn_down, engine, process.pid)
 
 
 def test_engine_death_turns_health_and_requests_into_503_then_exits_nonzero(tiny_checkpoint, tmp_path):

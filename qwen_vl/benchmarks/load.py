@@ -45,6 +45,7 @@ class RequestResult:
     latency: float = 0.0  # end to end, seconds
     prompt_tokens: int = 0
     output_tokens: int = 0
+    images: int = 0  # in the request (for FLOP counts)
 
 
 def _error_kind(exc: Exception) -> str:
@@ -144,6 +145,7 @@ def summarise(results: list[RequestResult], duration: float) -> dict:
     summary |= {
         "input_lens": [r.prompt_tokens for r in results],
         "output_lens": [r.output_tokens for r in results],
+        "input_images": [r.images for r in results],
         "ttfts": [r.ttft for r in results],
         "latencies": [r.latency for r in results],
         "request_errors": [r.error for r in results],
@@ -176,6 +178,7 @@ async def benchmark(
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     bodies = [json.dumps(r.body(model)).encode() for r in requests]  # encoded before timing
+    images = {id(body): r.num_images for body, r in zip(bodies, requests)}
     warmup_bodies = [json.dumps(r.body(model)).encode() for r in warmup]
     total = num_requests if duration is None else None
     if total is None and duration is None:
@@ -207,6 +210,7 @@ async def benchmark(
 
         async def one(body: bytes) -> None:
             result = await send(client, url, headers, body)
+            result.images = images[id(body)]
             results.append(result)
             bar.update(1)
 

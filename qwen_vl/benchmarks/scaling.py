@@ -13,7 +13,10 @@ Set-ups (engine arguments and environment on top of `compare`'s engine arguments
                  --data-parallel-size 2 (one rank per core); pp2 traced once instead of eager
 
 Each set-up is a fresh server (closed loop per level, as `compare`); the table goes to stdout
-and, with --markdown, into that file's `## --section` (the rest of the file is kept).
+and, with --markdown, into that file's `## --section` (the rest of the file is kept). Its MFU
+column is the FLOPs the level's completed requests needed (`mfu.request_flops`, from the
+checkpoint's config) per second of the level, over torch's matrix-multiply rate in --dtype on
+every allowed core, measured at the start of the same run (`mfu.matmul_peak`).
 Raw results: --out-dir/<setup>/ours-c<N>.json and the server logs.
 """
 
@@ -24,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import compare
+from . import compare, mfu
 from .report import replace_section
 
 SETUPS: dict[str, tuple[dict[str, str], list[str]]] = {
@@ -39,21 +42,26 @@ SETUPS: dict[str, tuple[dict[str, str], list[str]]] = {
 }
 
 
-def rows(results: dict[str, list[dict]], concurrency: list[int]) -> list[str]:
+def utilisation(shapes: mfu.Shapes, result: dict, peak_flops: float) -> float:
+    """Model FLOPs per second of the level over the measured matmul peak."""
+    return mfu.run_flops(shapes, result) / result["duration"] / peak_flops
+
+
+def rows(results: dict[str, list[dict]], concurrency: list[int], shapes: mfu.Shapes, peak_flops: float) -> list[str]:
     lines = ["| setup | concurrency | completed / failed | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms "
-             "| ITL p99 ms | start-up s |", "|---|---|---|---|---|---|---|---|---|"]
+             "| ITL p99 ms | MFU | start-up s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for setup, runs in results.items():
         by = {r.get("concurrency"): r for r in runs if "error" not in r}
         for c in concurrency:
             r = by.get(c)
             if r is None:
                 error = next((r["error"] for r in runs if "error" in r), "not measured")
-                lines.append(f"| {setup} | {c} | failed: {error} | | | | | | |")
+                lines.append(f"| {setup} | {c} | failed: {error} | | | | | | | |")
                 continue
             lines.append(
                 f"| {setup} | {c} | {r['completed']} / {r['failed']} | {r['output_throughput']:.1f} "
                 f"| {r['median_ttft_ms']:.0f} | {r['p99_ttft_ms']:.0f} | {r['median_itl_ms']:.1f} "
-                f"| {r['p99_itl_ms']:.1f} | {r['startup_s']:.0f} |"
+                f"| {r['p99_itl_ms']:.1f} | {100 * utilisation(shapes, r, peak_flops):.1f}% | {r['startup_s']:.0f} |"
             )
     return lines
 
@@ -69,6 +77,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     command = shlex.join(["python", "-m", "qwen_vl.benchmarks.scaling", *(sys.argv[1:] if argv is None else argv)])
     model = args.model or compare.checkpoint_for(args.preset)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
+    shapes = mfu.Shapes.from_checkpoint(model)
+    peak = mfu.matmul_peak(args.dtype)  # before any server runs: the machine to itself
+    print(f"torch.mm {args.dtype} on {peak['threads']} thread(s): {peak['peak_flops'] / 1e9:.0f} GFLOP/s", file=sys.stderr)
     results: dict[str, list[dict]] = {}
     base_engine_args = list(args.engine_arg)
     for setup in args.setups:
@@ -80,9 +91,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         results[setup] = compare.run_server("ours", model, args, out_dir, {**env, **extra_env})
         print(f"[{setup}] done in {time.perf_counter() - began:.0f} s", file=sys.stderr)
     info = compare.machine()
-    (args.out_dir / "results.json").write_text(json.dumps({"command": command, "machine": info, "runs": results},
-                                                          indent=2) + "\n")
-    table = rows(results, args.concurrency)
+    (args.out_dir / "results.json").write_text(json.dumps({"command": command, "machine": info, "matmul_peak": peak,
+                                                           "runs": results}, indent=2) + "\n")
+    table = rows(results, args.concurrency, shapes, peak["peak_flops"])
     print("\n".join(table))
     if args.markdown:
         args.engine_arg = base_engine_args
@@ -94,6 +105,10 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
             f"- machine: {info['nproc']} CPUs ({info['cpu']}), {info['ram_gib']} GiB RAM; vLLM {info['vllm']}; "
             f"load average at the end {' / '.join(map(str, info['load_average']))} (the machine is shared: "
             "other work skews every figure)",
+            f"- MFU: model FLOPs of the completed requests (vision, prefill, decode, sampled logits; "
+            f"{mfu.request_flops(shapes, 290, args.max_tokens, 1) / 1e9:.0f} GFLOP for a 290-token one-image request) per "
+            f"second, over torch.mm in {args.dtype} on {peak['threads']} thread(s) measured at the start of this run: "
+            f"{peak['peak_flops'] / 1e9:.0f} GFLOP/s",
             f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}", "", *table,
         ]
         replace_section(args.markdown, args.section, text)

@@ -21,10 +21,12 @@ def register() -> None:
     )
 
     from .config import register_config
+    from .exit import install_fast_exit
     from .renderer import register_renderer
     from .serving import register_serving_defaults
     from .tokenizer import register_tokenizer
 
+    install_fast_exit()
     register_config()
     register_tokenizer()
     register_renderer()

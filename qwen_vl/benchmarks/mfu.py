@@ -1,0 +1,146 @@
+"""Model FLOP utilisation: the FLOPs a run's requests needed, counted from the checkpoint's
+config.json, over what this machine's matrix multiply can do in the same dtype.
+
+    python -m qwen_vl.benchmarks.mfu --model DIR      # the counts for one request, and the peak
+
+What is counted (multiply-adds as 2 FLOPs, matrix products only; norms, activations, softmax
+and rotary are left out, as is usual for MFU):
+
+- vision, per image: the patch convolution, every ViT block (fused QKV, 1024 x 1024 attention,
+  output projection, MLP), the adapter (kv projection, its Q/K/V/out projections, 256 x 1024
+  cross-attention) and the final projection;
+- decoder, per token: each layer's QKV, output and MLP projections, and causal attention over
+  the positions the token sees (prompt tokens in prefill, then every generated token but the
+  last, which is sampled and never fed back);
+- the LM head once per generated token (vLLM computes logits for sampled positions only).
+
+`tests/test_mfu.py` checks these counts against torch's own FLOP counter running the reference
+model. The peak is torch's bf16 (or float32) matrix multiply on square matrices, with as many
+threads as the server computes with, measured in the same run as the load.
+"""
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+PATCHES = 1024  # (448 / 14)^2
+QUERIES = 256  # the adapter's learned queries: positions per image
+
+
+@dataclass(frozen=True)
+class Shapes:
+    hidden: int
+    layers: int
+    ffn: int  # each of w1, w2: intermediate_size // 2
+    vocab: int
+    vit_width: int
+    vit_layers: int
+    vit_mlp: int
+    patch: int
+    output_dim: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Shapes":
+        visual = config["visual"]
+        return cls(
+            hidden=config["hidden_size"], layers=config["num_hidden_layers"], ffn=config["intermediate_size"] // 2,
+            vocab=config["vocab_size"], vit_width=visual["width"], vit_layers=visual["layers"],
+            vit_mlp=int(visual["width"] * visual["mlp_ratio"]), patch=visual["patch_size"],
+            output_dim=visual["output_dim"],
+        )
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> "Shapes":
+        return cls.from_config(json.loads((Path(path) / "config.json").read_text()))
+
+
+def vision_flops(s: Shapes) -> int:
+    """One image through the ViT, the adapter and the final projection."""
+    n, w, d, q = PATCHES, s.vit_width, s.output_dim, QUERIES
+    conv = 2 * n * 3 * s.patch * s.patch * w
+    block = 2 * n * w * 3 * w + 4 * n * n * w + 2 * n * w * w + 4 * n * w * s.vit_mlp
+    kv_proj = 2 * n * w * d if w != d else 0
+    adapter = kv_proj + 2 * q * d * d + 2 * 2 * n * d * d + 4 * q * n * d + 2 * q * d * d
+    return conv + s.vit_layers * block + adapter + 2 * q * d * d
+
+
+def decoder_linear_flops(s: Shapes) -> int:
+    """The projections of every layer, for one token."""
+    h = s.hidden
+    return s.layers * (2 * h * 3 * h + 2 * h * h + 3 * 2 * h * s.ffn)
+
+
+def attention_flops(s: Shapes, keys: int) -> int:
+    """Scores and weighted values of every layer, for one query that sees `keys` positions."""
+    return s.layers * 4 * keys * s.hidden
+
+
+def lm_head_flops(s: Shapes) -> int:
+    return 2 * s.hidden * s.vocab
+
+
+def request_flops(s: Shapes, prompt_tokens: int, output_tokens: int, images: int) -> int:
+    """A whole request: its images, its prompt, its decoding steps and its sampled logits."""
+    if output_tokens <= 0:
+        return 0
+    fed = prompt_tokens + output_tokens - 1  # every position that goes through the decoder
+    causal_keys = fed * (fed + 1) // 2  # position i (from 0) attends to i + 1 positions
+    return (images * vision_flops(s) + fed * decoder_linear_flops(s)
+            + s.layers * 4 * s.hidden * causal_keys + output_tokens * lm_head_flops(s))
+
+
+def run_flops(s: Shapes, result: dict) -> int:
+    """The FLOPs of a load run's completed requests (`load.benchmark`'s per-request lists)."""
+    return sum(request_flops(s, p, o, i) for p, o, i, error in zip(
+        result["input_lens"], result["output_lens"], result["input_images"], result["request_errors"]) if not error)
+
+
+def matmul_peak(dtype: str = "bfloat16", threads: int | None = None, sizes=(1024, 2048, 4096),
+                seconds: float = 2.0) -> dict:
+    """The best FLOP/s of torch.mm on square matrices of `sizes`, each run for about `seconds`."""
+    import torch
+
+    threads = threads or len(os.sched_getaffinity(0))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    best = {}
+    try:
+        for n in sizes:
+            a = torch.randn(n, n).to(getattr(torch, dtype))
+            b = torch.randn(n, n).to(getattr(torch, dtype))
+            torch.mm(a, b)  # warm-up: allocation, packing
+            runs, began = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - began) < seconds:
+                torch.mm(a, b)
+                runs += 1
+            best[n] = 2 * n**3 * runs / elapsed
+    finally:
+        torch.set_num_threads(previous)
+    return {"dtype": dtype, "threads": threads, "flops_by_size": best, "peak_flops": max(best.values())}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m qwen_vl.benchmarks.mfu", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="a checkpoint directory (its config.json)")
+    parser.add_argument("--prompt-tokens", type=int, default=290)
+    parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--images", type=int, default=1)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    args = parser.parse_args(argv)
+    s = Shapes.from_checkpoint(args.model)
+    flops = request_flops(s, args.prompt_tokens, args.output_tokens, args.images)
+    print(f"vision per image: {vision_flops(s) / 1e9:.1f} GFLOP; decoder per token: "
+          f"{(decoder_linear_flops(s) + lm_head_flops(s)) / 1e9:.2f} GFLOP (+ attention); "
+          f"one request ({args.prompt_tokens} prompt, {args.output_tokens} output, {args.images} image(s)): "
+          f"{flops / 1e9:.1f} GFLOP")
+    peak = matmul_peak(args.dtype)
+    sizes = ", ".join(f"{n}: {f / 1e9:.0f}" for n, f in peak["flops_by_size"].items())
+    print(f"torch.mm {args.dtype}, {peak['threads']} thread(s), GFLOP/s by size: {sizes}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""The benchmarks' FLOP counts (qwen_vl.benchmarks.mfu) against torch's own FLOP counter running
+the reference model: the formulas must count exactly the matrix products the model does."""
+
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from qwen_vl.benchmarks import mfu
+from tests.reference import preprocess
+
+
+def counted(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def test_vision_flops_match_the_reference(reference, tiny_checkpoint):
+    shapes = mfu.Shapes.from_checkpoint(tiny_checkpoint)
+    assert shapes.vit_width != shapes.output_dim  # the adapter's kv projection is counted too
+    pixels = torch.stack([preprocess(Image.new("RGB", (448, 448), c)) for c in ("red", "blue")])
+    with torch.no_grad():
+        assert counted(lambda: reference.transformer.visual(pixels[:1])) == mfu.vision_flops(shapes)
+        assert counted(lambda: reference.transformer.visual(pixels)) == 2 * mfu.vision_flops(shapes)
+
+
+def test_decoding_step_flops_match_the_reference(reference, tiny_checkpoint):
+    shapes = mfu.Shapes.from_checkpoint(tiny_checkpoint)
+    cache = reference.new_cache()
+    reference([11, 22, 33, 44, 55], cache=cache)
+    # One token after five: projections, attention over six positions, one row of logits.
+    step = counted(lambda: reference([66], cache=cache))
+    assert step == mfu.decoder_linear_flops(shapes) + mfu.attention_flops(shapes, 6) + mfu.lm_head_flops(shapes)
+
+
+def test_request_flops_sum_the_steps_the_reference_takes(reference, tiny_checkpoint):
+    """A request fed one position at a time through the reference (each step sees every
+    position before it: causal attention) costs what request_flops says, once the logits
+    of prompt positions that sample nothing are taken out."""
+    shapes = mfu.Shapes.from_checkpoint(tiny_checkpoint)
+    prompt, output = [5, 6, 7, 8], 3
+    cache, total = reference.new_cache(), 0
+    for token in prompt + [9] * (output - 1):  # the last generated token is never fed back
+        total += counted(lambda: reference([token], cache=cache))
+    unsampled_logits = (len(prompt) - 1) * mfu.lm_head_flops(shapes)
+    assert mfu.request_flops(shapes, len(prompt), output, images=0) == total - unsampled_logits
+    with_image = mfu.request_flops(shapes, len(prompt), output, images=1)
+    assert with_image == total - unsampled_logits + mfu.vision_flops(shapes)
+
+
+def test_run_flops_count_completed_requests_only(tiny_checkpoint):
+    shapes = mfu.Shapes.from_checkpoint(tiny_checkpoint)
+    result = {"input_lens": [290, 300, 0], "output_lens": [64, 64, 0], "input_images": [1, 1, 1],
+              "request_errors": ["", "", "http_503"]}
+    expected = mfu.request_flops(shapes, 290, 64, 1) + mfu.request_flops(shapes, 300, 64, 1)
+    assert mfu.run_flops(shapes, result) == expected
+
+
+def test_matmul_peak_is_a_measured_rate():
+    peak = mfu.matmul_peak("float32", threads=1, sizes=(128, 256), seconds=0.05)
+    assert peak["threads"] == 1 and set(peak["flops_by_size"]) == {128, 256}
+    assert peak["peak_flops"] == max(peak["flops_by_size"].values()) > 0
