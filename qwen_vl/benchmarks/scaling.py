@@ -71,8 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     parser.prog = "python -m qwen_vl.benchmarks.scaling"
     parser.description = "This server under several CPU and parallel set-ups (see the module docstring)."
     parser.add_argument("--setups", nargs="+", choices=SETUPS, default=["vllm-auto", "both-cores", "default"])
-    parser.add_argument("--section", default="Scaling", help="title of this run's section in --markdown")
-    parser.set_defaults(markdown=None, out_dir=Path("bench-results/scaling"))
+    parser.set_defaults(markdown=None, out_dir=Path("bench-results/scaling"), section="Scaling")
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "qwen_vl.benchmarks.scaling", *(sys.argv[1:] if argv is None else argv)])
     model = args.model or compare.checkpoint_for(args.preset)

@@ -82,13 +82,14 @@ def allowed_cpus() -> list[tuple[int, int, int]]:
     return [(c.id, c.physical_core, c.numa_node) for c in get_allowed_cpu_list()]
 
 
-def preload_libraries() -> list[str]:
-    """The tcmalloc and libiomp5 files installed here (none may be)."""
+def preload_libraries(prefix: Path | None = None) -> list[str]:
+    """The tcmalloc and libiomp5 files installed here (none may be): libiomp5 from the Python
+    environment at `prefix` (default: this one)."""
     found = []
     tcmalloc = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
     if tcmalloc:
         found.append(tcmalloc)
-    iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
+    iomp = Path(prefix or sys.prefix) / "lib" / "libiomp5.so"
     if iomp.exists():
         found.append(str(iomp))
     return found
