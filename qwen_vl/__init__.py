@@ -10,3 +10,14 @@ config. Under `qwen_vl.` our names cannot collide.
     server/          process, settings, engine lifecycle, metrics
     benchmarks/      load generator and side-by-side peers
 """
+
+import sys
+
+from ._torchvision import hide_broken_torchvision
+
+if (_torchvision_error := hide_broken_torchvision()) is not None:
+    import multiprocessing as _multiprocessing
+
+    if _multiprocessing.parent_process() is None:  # once, not in every engine process
+        print(f"qwen_vl: torchvision is installed but cannot be imported ({_torchvision_error}); treating it as "
+              "not installed (`pip uninstall torchvision` silences this)", file=sys.stderr)
