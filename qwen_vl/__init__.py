@@ -11,13 +11,13 @@ config. Under `qwen_vl.` our names cannot collide.
     benchmarks/      load generator and side-by-side peers
 """
 
+import os
 import sys
 
-from ._torchvision import hide_broken_torchvision
+from ._torch_extras import hide_broken_extras
 
-if (_torchvision_error := hide_broken_torchvision()) is not None:
-    import multiprocessing as _multiprocessing
-
-    if _multiprocessing.parent_process() is None:  # once, not in every engine process
-        print(f"qwen_vl: torchvision is installed but cannot be imported ({_torchvision_error}); treating it as "
-              "not installed (`pip uninstall torchvision` silences this)", file=sys.stderr)
+if (_hidden := hide_broken_extras()) and not os.environ.get("QWEN_VL_EXTRAS_REPORTED"):
+    os.environ["QWEN_VL_EXTRAS_REPORTED"] = "1"  # once: the processes it starts inherit this
+    for _name, _error in _hidden.items():
+        print(f"qwen_vl: {_name} is installed but cannot be imported ({_error}); treating it as not installed "
+              f"(`pip uninstall {_name}` silences this)", file=sys.stderr)
