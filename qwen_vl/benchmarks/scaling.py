@@ -8,7 +8,9 @@ Set-ups (engine arguments and environment on top of `compare`'s engine arguments
     vllm-auto    vLLM's own CPU binding (VLLM_CPU_OMP_THREADS_BIND=auto: one core per rank kept
                  free), no preloads: this server before it chose its own CPU defaults
     both-cores   our binding (every core computes), no preloads
-    default      our defaults: our binding, tcmalloc and libiomp5 preloaded
+    default      our defaults: our binding, tcmalloc and libiomp5 preloaded (run with
+                 --no-enforce-eager to get the server's default compiled mode)
+    eager        our defaults in eager mode (--enforce-eager: no torch.compile)
     tp2 pp2 dp2  our defaults with --tensor-parallel-size 2 / --pipeline-parallel-size 2 /
                  --data-parallel-size 2 (one rank per core); pp2 traced once instead of eager
 
@@ -35,6 +37,7 @@ SETUPS: dict[str, tuple[dict[str, str], list[str]]] = {
     "vllm-auto": ({"VLLM_CPU_OMP_THREADS_BIND": "auto"}, ["--no-cpu-preload"]),
     "both-cores": ({}, ["--no-cpu-preload"]),
     "default": ({}, []),
+    "eager": ({}, ["--enforce-eager"]),
     "tp2": ({}, ["--tensor-parallel-size", "2"]),
     # Traced once, not compiled (eager mode is refused: see qwen_vl/server/cpu.py).
     "pp2": ({}, ["--pipeline-parallel-size", "2", "--no-enforce-eager", "--compilation-config",
