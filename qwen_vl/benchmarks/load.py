@@ -178,7 +178,6 @@ async def benchmark(
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     bodies = [json.dumps(r.body(model)).encode() for r in requests]  # encoded before timing
-    images = {id(body): r.num_images for body, r in zip(bodies, requests)}
     warmup_bodies = [json.dumps(r.body(model)).encode() for r in warmup]
     total = num_requests if duration is None else None
     if total is None and duration is None:
@@ -201,23 +200,24 @@ async def benchmark(
         deadline = started + duration if duration is not None else math.inf
         sent = 0
 
-        def next_body() -> bytes | None:
+        def next_index() -> int | None:
+            """The next request to send (cycling), or None when the run is over."""
             nonlocal sent
             if (total is not None and sent >= total) or time.perf_counter() >= deadline:
                 return None
             sent += 1
-            return bodies[(sent - 1) % len(bodies)]
+            return (sent - 1) % len(bodies)
 
-        async def one(body: bytes) -> None:
-            result = await send(client, url, headers, body)
-            result.images = images[id(body)]
+        async def one(index: int) -> None:
+            result = await send(client, url, headers, bodies[index])
+            result.images = requests[index].num_images
             results.append(result)
             bar.update(1)
 
         if math.isinf(request_rate):
             async def worker() -> None:
-                while (body := next_body()) is not None:
-                    await one(body)
+                while (index := next_index()) is not None:
+                    await one(index)
 
             await asyncio.gather(*(worker() for _ in range(concurrency)))
         else:
@@ -225,12 +225,12 @@ async def benchmark(
             gate = asyncio.Semaphore(slots)
             tasks = []
 
-            async def gated(body: bytes) -> None:
+            async def gated(index: int) -> None:
                 async with gate:
-                    await one(body)
+                    await one(index)
 
-            while (body := next_body()) is not None:
-                tasks.append(asyncio.create_task(gated(body)))
+            while (index := next_index()) is not None:
+                tasks.append(asyncio.create_task(gated(index)))
                 await asyncio.sleep(rng.exponential(1.0 / request_rate))
             await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - started
