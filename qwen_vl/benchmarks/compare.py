@@ -163,9 +163,10 @@ def server_command(system: str, model: Path, port: int, args) -> list[str]:
 
 
 def baseline_threads() -> int:
-    """The compute the vLLM engines get: their default CPU binding (VLLM_CPU_OMP_THREADS_BIND=auto)
-    computes on all cores but one. More threads than free cores stall PyTorch's OpenMP (here,
-    2 threads beside a busy client: 10x slower decoding)."""
+    """All cores but one: vLLM's own CPU default (VLLM_CPU_OMP_THREADS_BIND=auto; our server binds
+    every core unless told otherwise), and one core left to the load generator. More threads
+    than free cores stall PyTorch's OpenMP (here, 2 threads beside a busy client: 10x slower
+    decoding)."""
     return max(1, (os.cpu_count() or 2) - 1)
 
 
@@ -401,7 +402,7 @@ def write_report(path: Path, runs: list[dict], args, command: str, model: Path, 
         f"VLLM_CPU_KVCACHE_SPACE={args.kv_cache_gib}",
         *([f"- vllm023: {info['vllm023']}"] if "vllm023" in info else []),
         *([f"- baseline: `qwen_vl.benchmarks.baseline_server`, {args.dtype}, {baseline_threads()} torch thread(s) "
-           "(the vLLM engines compute on all cores but one), one request at a time"] if "baseline" in args.systems else []),
+           "(all cores but one: the load generator keeps one), one request at a time"] if "baseline" in args.systems else []),
         f"- machine: {info['nproc']} CPUs ({info['cpu']}), {info['ram_gib']} GiB RAM, Linux {info['kernel']}; "
         f"Python {info['python']}, vLLM {info['vllm']}, torch {info['torch']}; load average at the end "
         f"{' / '.join(map(str, info['load_average']))} (1/5/15 min: other work on the machine skews every figure)",
