@@ -1,7 +1,8 @@
 """Defaults that make vLLM's CPU platform use the whole machine, and a KV
 cache size that fits it: 2 GiB, or what one request of the whole context
 needs if that is more (the real Qwen-VL-Chat: 4 GiB for 8192 positions in
-bfloat16), unless VLLM_CPU_KVCACHE_SPACE says otherwise.
+bfloat16, so 5 GiB with kv_cache_gib's 5% headroom rounded up), unless
+VLLM_CPU_KVCACHE_SPACE says otherwise.
 
 vLLM binds each engine rank's OpenMP threads to the cores in
 `VLLM_CPU_OMP_THREADS_BIND`. Its default (`auto`) keeps one core per rank
