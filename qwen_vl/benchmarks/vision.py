@@ -4,8 +4,8 @@
     python -m qwen_vl.benchmarks.vision --preset real --batch 1     # ViT-bigG sizes: minutes on a CPU
 
 Compares our `qwen_vl.model_executor.visual.VisionTransformer` (vLLM's parallel linear layers,
-SDPA attention; run here in a one-rank vLLM distributed group) with the reference's
-`VisionTransformer` (tests/reference.py, plain PyTorch) on the same weights: the `tiny` and
+on a CPU the original's scores-softmax-values attention; run here in a one-rank vLLM distributed
+group) with the reference's `VisionTransformer` (tests/reference.py, plain PyTorch) on the same weights: the `tiny` and
 `small` presets load them from a checkpoint written into the project cache; `real` builds the
 real sizes (48 layers of width 1664) with random weights, identical in both models, without
 writing a checkpoint. Input: random pixels, already preprocessed [batch, 3, 448, 448]. Each

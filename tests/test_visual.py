@@ -1,0 +1,63 @@
+"""The vision tower's two attention forms (the original's scores-softmax-values
+on CPUs, torch's fused kernel elsewhere) both match the reference in float32.
+
+Run in a child process: the tower's parallel layers need a one-rank vLLM
+distributed state, which must not leak into the engines other tests start."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHILD = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import torch
+    from qwen_vl.benchmarks import vision
+    from qwen_vl.model_executor.visual import VisualAttention
+    from tests.reference import read_checkpoint
+
+    vision.init_vllm_single_rank()
+    visual = json.loads(open(sys.argv[1] + "/config.json").read())["visual"]
+    state = {k[len(vision.VISUAL_PREFIX):]: v for k, v in read_checkpoint(Path(sys.argv[1])).items()
+             if k.startswith(vision.VISUAL_PREFIX)}
+    ours, reference = vision.build_models(visual, state, torch.float32)
+    attentions = [m for m in ours.modules() if isinstance(m, VisualAttention)]
+    pixels = torch.randn(2, 3, 448, 448, generator=torch.Generator().manual_seed(1))
+    out = {"default_fused": [m.fused for m in attentions]}
+    with torch.inference_mode():
+        want = reference(pixels)
+        for fused in (False, True):
+            for m in attentions:
+                m.fused = fused
+            got = ours(pixels)
+            out[str(fused)] = {"shape": list(got.shape), "max_abs": (got - want).abs().max().item(),
+                               "scale": want.abs().max().item()}
+    print("RESULT " + json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def both_forms(tiny_checkpoint):
+    done = subprocess.run([sys.executable, "-c", CHILD, str(tiny_checkpoint)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_cpu_uses_the_originals_scores_form(both_forms):
+    assert both_forms["default_fused"] and not any(both_forms["default_fused"])
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["scores", "fused"])
+def test_attention_form_matches_the_reference(both_forms, fused):
+    result = both_forms[str(fused)]
+    assert result["shape"] == [2, 256, 256]
+    assert result["scale"] > 0.1
+    assert result["max_abs"] < 1e-5 * max(1.0, result["scale"])
