@@ -38,6 +38,10 @@ CHILD = textwrap.dedent("""
             got = ours(pixels)
             out[str(fused)] = {"shape": list(got.shape), "max_abs": (got - want).abs().max().item(),
                                "scale": want.abs().max().item()}
+        for m in attentions:
+            m.fused = False
+        out["forms"] = vision.attention_forms(ours, 1, 1, torch.float32, 448, rounds=2)
+        out["after_forms"] = [m.fused for m in attentions]
     print("RESULT " + json.dumps(out))
 """)
 
@@ -61,3 +65,10 @@ def test_attention_form_matches_the_reference(both_forms, fused):
     assert result["shape"] == [2, 256, 256]
     assert result["scale"] > 0.1
     assert result["max_abs"] < 1e-5 * max(1.0, result["scale"])
+
+
+def test_benchmark_times_each_form_and_restores_the_tower(both_forms):
+    forms = both_forms["forms"]
+    assert len(forms["scores_images_per_s"]) == len(forms["fused_images_per_s"]) == 2
+    assert all(rate > 0 for rate in forms["scores_images_per_s"] + forms["fused_images_per_s"])
+    assert both_forms["after_forms"] == [False] * len(both_forms["after_forms"])

@@ -9,7 +9,8 @@ group) with the reference's `VisionTransformer` (tests/reference.py, plain PyTor
 `small` presets load them from a checkpoint written into the project cache; `real` builds the
 real sizes (48 layers of width 1664) with random weights, identical in both models, without
 writing a checkpoint. Input: random pixels, already preprocessed [batch, 3, 448, 448]. Each
-figure is the median of `--repeats` timed forwards after one untimed one.
+figure is the median of `--repeats` timed forwards after one untimed one. `--attention-forms`
+also times our tower with each ViT attention form (`VisualAttention.fused`), alternating.
 """
 
 import argparse
@@ -94,6 +95,25 @@ def images_per_second(model, batch: int, repeats: int, dtype: torch.dtype, size:
     return batch / statistics.median(times)
 
 
+def attention_forms(model, batch: int, repeats: int, dtype: torch.dtype, size: int, rounds: int = 3) -> dict:
+    """img/s of `model` with each ViT attention form, alternating for `rounds` rounds (this VM's
+    speed drifts by 10-20% within minutes: separate runs cannot compare them)."""
+    from qwen_vl.model_executor.visual import VisualAttention
+
+    layers = [m for m in model.modules() if isinstance(m, VisualAttention)]
+    default = [m.fused for m in layers]
+    out = {"scores_images_per_s": [], "fused_images_per_s": []}
+    for _ in range(rounds):
+        for fused in (False, True):
+            for m in layers:
+                m.fused = fused
+            rate = images_per_second(model, batch, repeats, dtype, size)
+            out[f"{'fused' if fused else 'scores'}_images_per_s"].append(round(rate, 2))
+    for m, fused in zip(layers, default):
+        m.fused = fused
+    return out
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m qwen_vl.benchmarks.vision",
                                      description="ViT + adapter images/s: ours vs the reference, same weights.")
@@ -103,6 +123,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--attention-forms", action="store_true",
+                        help="also time our tower with torch's fused attention (fused) against the original's form "
+                             "(scores), alternating, in this one process")
     parser.add_argument("--result-json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.threads:
@@ -126,6 +149,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "reference_images_per_s": images_per_second(reference, batch, args.repeats, dtype, size),
                    "max_abs_difference": difference}
             row["speedup"] = row["ours_images_per_s"] / row["reference_images_per_s"]
+            if args.attention_forms:
+                row.update(attention_forms(ours, batch, args.repeats, dtype, size))
+                print(f"{preset} batch {batch}: attention forms, img/s per round: scores {row['scores_images_per_s']}, "
+                      f"fused {row['fused_images_per_s']}", file=sys.stderr)
             rows.append(row)
             print(f"{preset} batch {batch}: ours {row['ours_images_per_s']:.2f} img/s, "
                   f"reference {row['reference_images_per_s']:.2f} img/s ({row['speedup']:.2f}x)", file=sys.stderr)
