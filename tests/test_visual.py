@@ -20,13 +20,9 @@ CHILD = textwrap.dedent("""
     import torch
     from qwen_vl.benchmarks import vision
     from qwen_vl.model_executor.visual import VisualAttention
-    from tests.reference import read_checkpoint
 
     vision.init_vllm_single_rank()
-    visual = json.loads(open(sys.argv[1] + "/config.json").read())["visual"]
-    state = {k[len(vision.VISUAL_PREFIX):]: v for k, v in read_checkpoint(Path(sys.argv[1])).items()
-             if k.startswith(vision.VISUAL_PREFIX)}
-    ours, reference = vision.build_models(visual, state, torch.float32)
+    ours, reference = vision.build_models(*vision.checkpoint_visual(Path(sys.argv[1])), torch.float32)
     attentions = [m for m in ours.modules() if isinstance(m, VisualAttention)]
     pixels = torch.randn(2, 3, 448, 448, generator=torch.Generator().manual_seed(1))
     out = {"default_fused": [m.fused for m in attentions]}

@@ -5,12 +5,13 @@
 
 Compares our `qwen_vl.model_executor.visual.VisionTransformer` (vLLM's parallel linear layers,
 on a CPU the original's scores-softmax-values attention; run here in a one-rank vLLM distributed
-group) with the reference's `VisionTransformer` (tests/reference.py, plain PyTorch) on the same weights: the `tiny` and
-`small` presets load them from a checkpoint written into the project cache; `real` builds the
-real sizes (48 layers of width 1664) with random weights, identical in both models, without
-writing a checkpoint. Input: random pixels, already preprocessed [batch, 3, 448, 448]. Each
-figure is the median of `--repeats` timed forwards after one untimed one. `--attention-forms`
-also times our tower with each ViT attention form (`VisualAttention.fused`), alternating.
+group) with the reference's `VisionTransformer` (tests/reference.py, plain PyTorch) on the same
+weights: the `tiny` and `small` presets load them from a checkpoint written into the project
+cache; `real` builds the real sizes (48 layers of width 1664) with random weights, identical
+in both models, without writing a checkpoint. Input: random pixels, already preprocessed
+[batch, 3, 448, 448]. Each figure is the median of `--repeats` timed forwards after one untimed
+one. `--attention-forms` also times our tower with each ViT attention form
+(`VisualAttention.fused`), alternating.
 """
 
 import argparse
@@ -44,9 +45,13 @@ def visual_config(preset: str) -> tuple[dict, dict[str, torch.Tensor] | None]:
 
     if preset == "real":
         return config_dict("real")["visual"], None
+    return checkpoint_visual(checkpoint_for(preset))
+
+
+def checkpoint_visual(model_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(the visual dict of `model_dir`'s config, its `transformer.visual.*` tensors)."""
     from tests.reference import read_checkpoint
 
-    model_dir = checkpoint_for(preset)
     state = {k[len(VISUAL_PREFIX):]: v for k, v in read_checkpoint(model_dir).items() if k.startswith(VISUAL_PREFIX)}
     return json.loads((model_dir / "config.json").read_text())["visual"], state
 

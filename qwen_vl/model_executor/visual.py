@@ -51,9 +51,9 @@ class VisualAttention(nn.Module):
     about 30% faster than torch's fused CPU kernel for 1024 patches (9.9 against
     14.3 ms a layer for one image of the `small` preset in bfloat16, 2 cores;
     11-13% more images/s through the whole tower) and, in bfloat16, closer to
-    the original's features. Elsewhere (`fused`)
-    it uses `scaled_dot_product_attention`, which never holds the scores of a
-    whole encoder batch (16 x 1024 x 1024 per image at the real sizes).
+    the original's features. Elsewhere (`fused`) it uses
+    `scaled_dot_product_attention`, which never holds the scores of a whole
+    encoder batch (16 x 1024 x 1024 per image at the real sizes).
     """
 
     def __init__(self, width: int, heads: int, prefix: str = ""):
