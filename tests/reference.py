@@ -470,13 +470,18 @@ def pick_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: in
         kth = logits.topk(top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        ordered, order = logits.sort(descending=True)
-        probs = ordered.softmax(dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (the best token always stays).
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        logits = logits.scatter(0, order, ordered.masked_fill(drop, float("-inf")))
+        logits = nucleus(logits, top_p)
     probs = logits.softmax(dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Top-p over one row: the smallest prefix whose mass reaches top_p (the best token always
+    stays); the other tokens' logits become -inf."""
+    ordered, order = logits.sort(descending=True)
+    probs = ordered.softmax(dim=-1)
+    drop = probs.cumsum(dim=-1) - probs >= top_p
+    return logits.scatter(0, order, ordered.masked_fill(drop, float("-inf")))
 
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:

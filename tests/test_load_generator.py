@@ -61,3 +61,14 @@ def test_requests_and_their_figures_line_up(stand_in):
     assert [p for p, e in zip(result["input_lens"], result["request_errors"]) if not e] == \
         [s for s, e in zip(sizes, result["request_errors"]) if not e]
     assert result["total_output_tokens"] == 8
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "checkpoint"])
+def test_sampling_is_greedy_or_left_to_the_servers_defaults(stand_in, sampling):
+    requests = build_workload("single-image", 1, seed=0, max_tokens=2, sampling=sampling)
+    result = asyncio.run(benchmark(stand_in, "m", requests, concurrency=1, num_requests=1, progress=False))
+    body = json.loads(StandIn.seen[0])
+    sampling_fields = {"temperature", "top_p", "top_k", "seed"} & set(body)
+    assert sampling_fields == ({"temperature"} if sampling == "greedy" else set())
+    assert body.get("temperature", 0.0) == 0.0 and body["ignore_eos"] is True
+    assert result["sampling"] == sampling

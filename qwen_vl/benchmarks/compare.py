@@ -50,7 +50,7 @@ import httpx
 from . import vllm023
 from .load import benchmark
 from .report import replace_section
-from .workloads import WORKLOADS, build_workload
+from .workloads import SAMPLING, WORKLOADS, build_workload
 
 SYSTEMS = ("ours", "vllm", "vllm023", "offline", "baseline")
 LABELS = {
@@ -71,6 +71,8 @@ TTFT_TARGET_VS_VLLM = 1.05
 VLLM023_TARGETS = (("output_throughput", "output tok/s", True, 1.3), ("median_ttft_ms", "TTFT p50", False, 0.8),
                    ("p99_itl_ms", "ITL p99", False, 0.8))
 SECTION = "Side by side: this server and its peers"
+SAMPLING_TEXT = {"greedy": "greedy",
+                 "checkpoint": "no sampling fields: each server's generation_config.json defaults, top_p 0.3"}
 
 
 def checkpoint_for(preset: str) -> Path:
@@ -195,10 +197,10 @@ def run_server(system: str, model: Path, args, out_dir: Path, env: dict) -> list
         ready = server.start(args.start_timeout)
         print(f"[{system}] ready in {ready:.1f} s", file=sys.stderr)
         for index, (concurrency, count) in enumerate(zip(args.concurrency, level_sizes(args, system))):
-            requests = build_workload(args.workload, count, args.seed + index, args.max_tokens)
+            requests = build_workload(args.workload, count, args.seed + index, args.max_tokens, args.sampling)
             # The serial baseline has nothing to warm beyond its first request.
             warmups = min(args.warmup, 1 if system == "baseline" else concurrency)
-            warmup = build_workload(args.workload, warmups, args.seed + 10_000 + index, args.max_tokens)
+            warmup = build_workload(args.workload, warmups, args.seed + 10_000 + index, args.max_tokens, args.sampling)
             print(f"[{system}] concurrency {concurrency}: {count} requests", file=sys.stderr)
             result = asyncio.run(benchmark(server.url, SERVED_MODEL, requests, concurrency=concurrency,
                                            num_requests=count, warmup=warmup, seed=args.seed,
@@ -220,6 +222,7 @@ def run_offline(model: Path, args, out_dir: Path, env: dict) -> list[dict]:
     result_file = out_dir / "offline.json"
     command = [sys.executable, "-m", "qwen_vl.benchmarks.offline", "--model", str(model), "--workload", args.workload,
                "--num-requests", *map(str, sizes), "--concurrency", *map(str, args.concurrency), "--seed", str(args.seed), "--max-tokens", str(args.max_tokens),
+               "--sampling", args.sampling,
                "--warmup", str(min(args.warmup, 2)), "--result-json", str(result_file), "--", *engine_args(args)]
     print(f"[offline] {shlex.join(command)}", file=sys.stderr)
     with open(out_dir / "offline.log", "wb") as log:
@@ -395,7 +398,7 @@ def write_report(path: Path, runs: list[dict], args, command: str, model: Path, 
         "```",
         "",
         f"- checkpoint: `{args.preset or model}` ({model}), random weights in the Qwen-VL-Chat layout",
-        f"- workload: `{args.workload}`, {args.max_tokens} output tokens per request (`ignore_eos`, greedy), "
+        f"- workload: `{args.workload}`, {args.max_tokens} output tokens per request (`ignore_eos`, {SAMPLING_TEXT[args.sampling]}), "
         f"closed loop; requests per level: {', '.join(map(str, level_sizes(args, 'ours')))} "
         f"(baseline: {', '.join(map(str, level_sizes(args, 'baseline')))}), up to {args.warmup} warm-up request(s) per level (baseline: 1)",
         f"- engine arguments of every vLLM server and the offline engine: `{shlex.join(engine_args(args))}`, "
@@ -438,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline-max-requests", type=int, default=4,
                         help="the serial baseline gets at most max(concurrency, this) requests per level")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--sampling", choices=SAMPLING, default="greedy",
+                        help="greedy (temperature 0), or checkpoint: no sampling fields, each server's defaults "
+                             "from generation_config.json (Qwen-VL-Chat: top_p 0.3)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed requests before each level")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")

@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from .workloads import WORKLOADS, Request, build_workload
+from .workloads import SAMPLING, WORKLOADS, Request, build_workload
 
 PERCENTILES = (90, 99)
 METRICS = ("ttft", "tpot", "itl", "e2el")
@@ -246,6 +246,7 @@ async def benchmark(
         "max_concurrency": concurrency,
         "workload": requests[0].kind if len({r.kind for r in requests}) == 1 else "mixed",
         "max_tokens": requests[0].max_tokens,
+        "sampling": requests[0].sampling,
         "num_warmups": len(warmup_bodies),
         **summary,
     }
@@ -311,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--request-rate", type=float, default=math.inf, help="Poisson arrivals per second (open loop)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed requests first")
     parser.add_argument("--max-tokens", type=int, default=64, help="output tokens of every request (ignore_eos)")
+    parser.add_argument("--sampling", choices=SAMPLING, default="greedy",
+                        help="greedy (temperature 0), or checkpoint: no sampling fields, the server's defaults")
     parser.add_argument("--seed", type=int, default=0, help="workload and arrival seed")
     parser.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, s")
     parser.add_argument("--result-json", type=Path, default=None, help="write the result here")
@@ -325,8 +328,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.num_requests is None and args.duration is None:
         args.num_requests = 64
     pool = args.num_requests or 64
-    requests = build_workload(args.workload, pool, seed=args.seed, max_tokens=args.max_tokens)
-    warmup = build_workload(args.workload, args.warmup, seed=args.seed + 1, max_tokens=args.max_tokens)
+    requests = build_workload(args.workload, pool, seed=args.seed, max_tokens=args.max_tokens, sampling=args.sampling)
+    warmup = build_workload(args.workload, args.warmup, seed=args.seed + 1, max_tokens=args.max_tokens,
+                            sampling=args.sampling)
     result = asyncio.run(
         benchmark(
             args.base_url, args.model, requests,

@@ -1,8 +1,9 @@
 """The ceiling for any API layer: vLLM's offline engine (`LLM.generate`) on the same requests.
 
 The prompts are built by our `PromptBuilder` (the same token ids every server sees) and the
-images decoded from the same data URLs before timing; sampling is the same (greedy, exactly
-`max_tokens` tokens, `ignore_eos`). Each batch runs as a closed loop at its `--concurrency`
+images decoded from the same data URLs before timing; sampling is the same (greedy, or with
+`--sampling checkpoint` the checkpoint's generation_config.json, as a server applies it to a
+request without sampling fields; exactly `max_tokens` tokens, `ignore_eos`). Each batch runs as a closed loop at its `--concurrency`
 (a new request enters the engine as soon as one finishes, as the servers are driven), so the
 throughputs compare at the same load; no TTFT is measured.
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .workloads import WORKLOADS, Request, build_workload
+from .workloads import SAMPLING, WORKLOADS, Request, build_workload
 
 
 def decode_data_url(url: str) -> Image.Image:
@@ -63,7 +64,7 @@ def closed_loop(engine, inputs: list[dict], params, concurrency: int) -> list:
 
 
 def run(model: str, engine_args: list[str], workload: str, batches: list[int], concurrency: list[int], seed: int,
-        max_tokens: int, warmup: int) -> list[dict]:
+        max_tokens: int, warmup: int, sampling: str = "greedy") -> list[dict]:
     from vllm import LLM, SamplingParams
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -72,7 +73,11 @@ def run(model: str, engine_args: list[str], workload: str, batches: list[int], c
     args = parser.parse_args(["--model", model, *engine_args])
     llm = LLM(**vars(EngineArgs.from_cli_args(args)))
     tokenizer = llm.get_tokenizer()
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    if sampling == "greedy":
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    else:  # what the servers apply to a request that sets no sampling field
+        params = llm.get_default_sampling_params()
+        params.max_tokens, params.ignore_eos = max_tokens, True
     if warmup:
         llm.generate(engine_inputs(build_workload(workload, warmup, seed + 10_000, max_tokens), tokenizer),
                      params, use_tqdm=False)
@@ -111,6 +116,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="requests in flight for each batch (default: all of it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--sampling", choices=SAMPLING, default="greedy")
     parser.add_argument("--warmup", type=int, default=2, help="untimed requests first")
     parser.add_argument("--result-json", type=Path, default=None)
     parser.add_argument("engine_args", nargs=argparse.REMAINDER, help="after --: vLLM engine arguments")
@@ -120,7 +126,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if len(concurrency) != len(args.num_requests):
         parser.error("--concurrency needs one value per --num-requests value")
     results = run(args.model, engine_args, args.workload, args.num_requests, concurrency, args.seed, args.max_tokens,
-                  args.warmup)
+                  args.warmup, args.sampling)
     text = json.dumps(results, indent=2)
     if args.result_json:
         args.result_json.write_text(text + "\n")

@@ -11,6 +11,8 @@ Set-ups (engine arguments and environment on top of `compare`'s engine arguments
     default      our defaults: our binding, tcmalloc and libiomp5 preloaded (run with
                  --no-enforce-eager to get the server's default compiled mode)
     eager        our defaults in eager mode (--enforce-eager: no torch.compile)
+    vllm-top-p   our defaults, but vLLM's own top-p on CPUs, which sorts the vocabulary
+                 (QWEN_VL_CPU_TOP_P=vllm); compare with `default` under --sampling checkpoint
     tp2 pp2 dp2  our defaults with --tensor-parallel-size 2 / --pipeline-parallel-size 2 /
                  --data-parallel-size 2 (one rank per core); pp2 traced once instead of eager
 
@@ -38,6 +40,7 @@ SETUPS: dict[str, tuple[dict[str, str], list[str]]] = {
     "both-cores": ({}, ["--no-cpu-preload"]),
     "default": ({}, []),
     "eager": ({}, ["--enforce-eager"]),
+    "vllm-top-p": ({"QWEN_VL_CPU_TOP_P": "vllm"}, []),
     "tp2": ({}, ["--tensor-parallel-size", "2"]),
     # Traced once, not compiled (eager mode is refused: see qwen_vl/server/cpu.py).
     "pp2": ({}, ["--pipeline-parallel-size", "2", "--no-enforce-eager", "--compilation-config",
@@ -105,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         args.engine_arg = base_engine_args
         text = [
             "```bash", command, "```", "",
-            f"- checkpoint `{args.preset or model}`, workload `{args.workload}`, {args.max_tokens} output tokens, "
+            f"- checkpoint `{args.preset or model}`, workload `{args.workload}`, {args.max_tokens} output tokens "
+            f"({compare.SAMPLING_TEXT[args.sampling]}), "
             f"requests per level {', '.join(map(str, compare.level_sizes(args, 'ours')))}; engine arguments "
             f"`{shlex.join(compare.engine_args(args))}` plus each set-up's, VLLM_CPU_KVCACHE_SPACE={args.kv_cache_gib}",
             f"- machine: {info['nproc']} CPUs ({info['cpu']}), {info['ram_gib']} GiB RAM; vLLM {info['vllm']}; "

@@ -53,6 +53,7 @@ WORDS = (
     "after before under over between across simple exact fast careful measure compare result"
 ).split()
 TEXT_QUESTIONS = ("Summarise the text above.", "What is this text about?", "Continue the story.")
+SAMPLING = ("greedy", "checkpoint")
 # (width, height) ratios: square, landscape, portrait, panorama, tall.
 ASPECTS = (1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16, 2.5, 0.4)
 
@@ -67,6 +68,7 @@ class Request:
     num_images: int = 0
     image_bytes: int = 0
     extra: dict = field(default_factory=dict)
+    sampling: str = "greedy"  # or "checkpoint": the server's defaults (generation_config.json)
 
     def body(self, model: str) -> dict:
         """The streaming request body every system under test receives."""
@@ -75,7 +77,7 @@ class Request:
             "messages": self.messages,
             "max_tokens": self.max_tokens,
             "ignore_eos": True,
-            "temperature": 0.0,
+            **({"temperature": 0.0} if self.sampling == "greedy" else {}),
             "stream": True,
             "stream_options": {"include_usage": True},
             **self.extra,
@@ -154,10 +156,17 @@ def _long_conversation(rng: np.random.Generator, max_tokens: int) -> Request:
     return Request("long-conversation", messages, max_tokens, images, image_bytes)
 
 
-def build_workload(name: str, num_requests: int, seed: int = 0, max_tokens: int = 64) -> list[Request]:
-    """`num_requests` requests of workload `name`; the same seed gives the same requests."""
+def build_workload(name: str, num_requests: int, seed: int = 0, max_tokens: int = 64,
+                   sampling: str = "greedy") -> list[Request]:
+    """`num_requests` requests of workload `name`; the same seed gives the same requests.
+
+    `sampling`: "greedy" (temperature 0), or "checkpoint": no sampling fields, so the server
+    applies the checkpoint's generation_config.json (Qwen-VL-Chat: top_p 0.3), as a user's
+    request that sets none does."""
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+    if sampling not in SAMPLING:
+        raise ValueError(f"unknown sampling {sampling!r}; choose from {', '.join(SAMPLING)}")
     rng = np.random.default_rng(seed)
     shared = _random_image_url(np.random.default_rng([seed, 1])) if name in ("same-image", "mixed") else None
     requests = []
@@ -178,4 +187,6 @@ def build_workload(name: str, num_requests: int, seed: int = 0, max_tokens: int 
             requests.append(_request(kind, [shared], _pick(rng, QUESTIONS), max_tokens))
         else:
             requests.append(_request(kind, [_random_image_url(rng)], _pick(rng, GROUNDING_PROMPTS), max_tokens))
+    for request in requests:
+        request.sampling = sampling
     return requests

@@ -23,10 +23,12 @@ def register() -> None:
     from .config import register_config
     from .exit import install_fast_exit
     from .renderer import register_renderer
+    from .sampling import install_cpu_top_p
     from .serving import register_serving_defaults
     from .tokenizer import register_tokenizer
 
     install_fast_exit()
+    install_cpu_top_p()
     register_config()
     register_tokenizer()
     register_renderer()
