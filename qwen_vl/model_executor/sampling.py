@@ -41,23 +41,22 @@ def top_p_mask(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     probs = logits.softmax(dim=-1)
     buckets = (probs.view(torch.int32) >> BUCKET_SHIFT).long()
     mass = torch.zeros(rows, NUM_BUCKETS, dtype=probs.dtype).scatter_add_(1, buckets, probs)
-    mass_up_to = mass.cumsum(dim=1)
+    below = torch.nn.functional.pad(mass.cumsum(dim=1), (1, 0))  # [:, b]: buckets under b
     limit = 1 - p.to(probs.dtype).unsqueeze(1)  # vLLM's form of the bound
-    edge = (mass_up_to <= limit).sum(dim=1).clamp_(max=NUM_BUCKETS - 1)
-    mass_below_edge = torch.where(edge > 0, mass_up_to.gather(1, (edge - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0.0)
+    edge = (below[:, 1:] <= limit).sum(dim=1, keepdim=True).clamp_(max=NUM_BUCKETS - 1)
 
-    removed = buckets < edge.unsqueeze(1)
-    row, column = (buckets == edge.unsqueeze(1)).nonzero(as_tuple=True)  # row-major: index order
+    removed = buckets < edge
+    row, column = (buckets == edge).nonzero(as_tuple=True)  # row-major: by index in a row
     by_logit = torch.argsort(logits[row, column], stable=True)
-    order = by_logit[torch.argsort(row[by_logit], stable=True)]  # rows, each by logit, then index
+    order = by_logit[torch.argsort(row[by_logit], stable=True)]  # by row, logit, then index
     row, column = row[order], column[order]
     running = probs[row, column].double().cumsum(dim=0)
-    per_row = torch.bincount(row, minlength=rows).cumsum(dim=0)
-    before_row = torch.cat([running.new_zeros(1), running])[per_row - torch.bincount(row, minlength=rows)]
-    at_or_below = mass_below_edge.double()[row] + running - before_row[row]
-    drop = at_or_below <= limit.double().squeeze(1)[row]
+    count = torch.bincount(row, minlength=rows)
+    earlier_rows = torch.cat([running.new_zeros(1), running])[count.cumsum(dim=0) - count]
+    at_or_below = below.gather(1, edge).double()[row, 0] + running - earlier_rows[row]
+    drop = at_or_below <= limit.double()[row, 0]
     removed[row[drop], column[drop]] = True
-    nothing_kept = removed.all(dim=1).nonzero().squeeze(1)  # only when 1 - p rounds to >= 1
+    nothing_kept = removed.all(dim=1).nonzero().squeeze(1)  # 1 - p rounded up to the whole mass
     removed[nothing_kept, logits[nothing_kept].argmax(dim=-1)] = False  # at least one token
     return removed
 
