@@ -404,6 +404,9 @@ def write_report(path: Path, runs: list[dict], args, command: str, model: Path, 
         f"- engine arguments of every vLLM server and the offline engine: `{shlex.join(engine_args(args))}`, "
         f"VLLM_CPU_KVCACHE_SPACE={args.kv_cache_gib}",
         *([f"- vllm023: {info['vllm023']}"] if "vllm023" in info else []),
+        *([f"- vllm, offline: vLLM's own CPU settings ({info['vllm_cpu']}; `auto` keeps a core per rank free "
+           "for vLLM's processes), where ours uses its CPU defaults (every core bound, preloads)"]
+          if "vllm_cpu" in info else []),
         *([f"- baseline: `qwen_vl.benchmarks.baseline_server`, {args.dtype}, {baseline_threads()} torch thread(s) "
            "(all cores but one: the load generator keeps one), one request at a time"] if "baseline" in args.systems else []),
         f"- machine: {info['nproc']} CPUs ({info['cpu']}), {info['ram_gib']} GiB RAM, Linux {info['kernel']}; "
@@ -489,6 +492,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     info = machine()
     if "vllm023" in args.systems:
         info["vllm023"] = vllm023_info(args)
+    if {"vllm", "offline"} & set(args.systems):
+        # Our server picks its own CPU binding and preloads (qwen_vl/server/cpu.py); these run
+        # as vLLM starts them, as `vllm serve` with the plugin does unless told.
+        info["vllm_cpu"] = (f"VLLM_CPU_OMP_THREADS_BIND={os.environ.get('VLLM_CPU_OMP_THREADS_BIND', 'auto')}, "
+                            f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '(none)')}")
     (args.out_dir / "results.json").write_text(json.dumps({"command": command, "machine": info, "runs": runs},
                                                           indent=2) + "\n")
     measured = [r for r in runs if "error" not in r]
