@@ -121,3 +121,22 @@ def test_opt_out_keeps_vllms_top_p(monkeypatch):
     before = sampler.apply_top_k_top_p
     assert not install_cpu_top_p()
     assert sampler.apply_top_k_top_p is before
+
+
+@pytest.mark.parametrize("bad", ["all -inf", "+inf", "nan"])
+def test_a_row_without_probabilities_gets_vllms_answer_not_an_error(monkeypatch, bad):
+    # A structured-output grammar that allows nothing masks a whole row to -inf (the fuzz test
+    # met it); softmax then gives NaN, and the whole batch goes to vLLM's function instead.
+    monkeypatch.setattr(sampler, "apply_top_k_top_p", sampler.apply_top_k_top_p)
+    monkeypatch.delenv(OPT_OUT, raising=False)
+    vllm_top_k_top_p = sampler.apply_top_k_top_p
+    assert install_cpu_top_p()
+    logits, p = batch(1, 5.0, rows=4)
+    logits[2] = {"all -inf": float("-inf"), "+inf": logits[2], "nan": logits[2]}[bad]
+    if bad != "all -inf":
+        logits[2, 7] = float("inf") if bad == "+inf" else float("nan")
+    assert top_p_mask(logits, p) is None
+    for k in (None, torch.full((4,), 50)):
+        got = sampler.apply_top_k_top_p(logits.clone(), k, p)
+        want = vllm_top_k_top_p(logits.clone(), k, p)
+        assert torch.equal(got.isneginf(), want.isneginf())

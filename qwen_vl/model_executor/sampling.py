@@ -21,12 +21,9 @@ lies within float32 rounding of 1 - p (the sums are added in another order). The
 after the mask is vLLM's, unchanged.
 """
 
-import logging
 import os
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 # The float32 bits of a probability in [0, 1] rise with it; dropping 15 of the 23 mantissa
 # bits leaves 32,513 buckets, each 1/256 of its value wide: a few tokens at the edge.
@@ -35,11 +32,16 @@ NUM_BUCKETS = (0x3F800000 >> BUCKET_SHIFT) + 1  # the bits of 1.0, shifted, + 1
 OPT_OUT = "QWEN_VL_CPU_TOP_P"  # "vllm": keep vLLM's sorting top-p (to compare)
 
 
-def top_p_mask(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """True where top-p (per row, p in (0, 1]) removes a token of these float32 logits."""
+def top_p_mask(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor | None:
+    """True where top-p (per row, p in (0, 1]) removes a token of these float32 logits; None if
+    a row has no probabilities (NaN: all -inf, e.g. a grammar allowing nothing, or +inf)."""
     rows = logits.shape[0]
     probs = logits.softmax(dim=-1)
-    buckets = (probs.view(torch.int32) >> BUCKET_SHIFT).long()
+    buckets = probs.view(torch.int32) >> BUCKET_SHIFT
+    lowest, highest = torch.aminmax(buckets)
+    if lowest < 0 or highest >= NUM_BUCKETS:  # NaN's bits, either sign
+        return None
+    buckets = buckets.long()
     mass = torch.zeros(rows, NUM_BUCKETS, dtype=probs.dtype).scatter_add_(1, buckets, probs)
     below = torch.nn.functional.pad(mass.cumsum(dim=1), (1, 0))  # [:, b]: buckets under b
     limit = 1 - p.to(probs.dtype).unsqueeze(1)  # vLLM's form of the bound
@@ -76,11 +78,15 @@ def install_cpu_top_p() -> bool:
         return True
 
     def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None) -> torch.Tensor:
-        if p is None or logits.dtype != torch.float32 or logits.dim() != 2:
+        if p is None or logits.dtype != torch.float32 or logits.dim() != 2 or not logits.numel():
             return vllm_top_k_top_p(logits, k, p)
         if k is not None:
             logits = sampler.apply_top_k_only(logits, k)  # vLLM's own top-k, no sort either
-        return logits.masked_fill_(top_p_mask(logits, p), float("-inf"))
+            k = None
+        removed = top_p_mask(logits, p)
+        if removed is None:  # as vLLM would have it, whatever that is
+            return vllm_top_k_top_p(logits, k, p)
+        return logits.masked_fill_(removed, float("-inf"))
 
     sampler.apply_top_k_top_p = apply_top_k_top_p
     return True
