@@ -6,7 +6,7 @@ import torch
 import vllm._C  # noqa: F401  (the CPU sampler's fused_gumbel_argmax)
 from vllm.v1.sample.ops import topk_topp_sampler as sampler
 
-from qwen_vl.model_executor.sampling import OPT_OUT, install_cpu_top_p, top_p_mask
+from qwen_vl.model_executor.sampling import OPT_OUT, apply_top_k_top_p, install_cpu_top_p, top_p_mask
 from tests.reference import nucleus
 
 VOCAB = 151936  # Qwen-VL's
@@ -26,10 +26,7 @@ def batch(seed: int, scale: float, rows: int = 8, bfloat16: bool = False):
 
 
 def ours(logits, k, p):
-    logits = logits.clone()
-    if k is not None:
-        logits = sampler.apply_top_k_only(logits, k)
-    return logits.masked_fill_(top_p_mask(logits, p), float("-inf")) == float("-inf")
+    return apply_top_k_top_p(logits.clone(), k, p) == float("-inf")
 
 
 def vllms(logits, k, p):
@@ -102,12 +99,13 @@ def test_matches_the_originals_nucleus_rule():
 def test_vllms_cpu_sampler_uses_it_once_installed(monkeypatch):
     monkeypatch.setattr(sampler, "apply_top_k_top_p", sampler.apply_top_k_top_p)  # restored after
     monkeypatch.delenv(OPT_OUT, raising=False)
+    logits, p = batch(0, 5.0, rows=4)
+    kept = ~ours(logits, None, p)
     calls = []
     monkeypatch.setattr("qwen_vl.model_executor.sampling.top_p_mask",
                         lambda logits, p: calls.append(len(p)) or top_p_mask(logits, p))
     assert install_cpu_top_p()
-    logits, p = batch(0, 5.0, rows=4)
-    kept = ~ours(logits, None, p)
+    assert sampler.apply_top_k_top_p is apply_top_k_top_p
     tokens, _ = sampler.TopKTopPSampler().forward(logits.clone(), {}, None, p)
     assert calls == [4]
     assert all(kept[row, token] for row, token in enumerate(tokens.tolist()))
@@ -124,19 +122,19 @@ def test_opt_out_keeps_vllms_top_p(monkeypatch):
 
 
 @pytest.mark.parametrize("bad", ["all -inf", "+inf", "nan"])
-def test_a_row_without_probabilities_gets_vllms_answer_not_an_error(monkeypatch, bad):
+def test_a_row_without_probabilities_gets_vllms_answer_not_an_error(bad):
     # A structured-output grammar that allows nothing masks a whole row to -inf (the fuzz test
     # met it); softmax then gives NaN, and the whole batch goes to vLLM's function instead.
-    monkeypatch.setattr(sampler, "apply_top_k_top_p", sampler.apply_top_k_top_p)
-    monkeypatch.delenv(OPT_OUT, raising=False)
-    vllm_top_k_top_p = sampler.apply_top_k_top_p
-    assert install_cpu_top_p()
     logits, p = batch(1, 5.0, rows=4)
     logits[2] = {"all -inf": float("-inf"), "+inf": logits[2], "nan": logits[2]}[bad]
     if bad != "all -inf":
         logits[2, 7] = float("inf") if bad == "+inf" else float("nan")
     assert top_p_mask(logits, p) is None
     for k in (None, torch.full((4,), 50)):
-        got = sampler.apply_top_k_top_p(logits.clone(), k, p)
-        want = vllm_top_k_top_p(logits.clone(), k, p)
+        got = apply_top_k_top_p(logits.clone(), k, p)
+        want = sampler.apply_top_k_top_p_pytorch(logits.clone(), k, p, allow_cpu_sync=True)
         assert torch.equal(got.isneginf(), want.isneginf())
+
+
+def test_an_empty_batch_passes_through():
+    assert apply_top_k_top_p(torch.empty(0, VOCAB), None, torch.empty(0)).shape == (0, VOCAB)

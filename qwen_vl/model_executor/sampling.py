@@ -63,30 +63,31 @@ def top_p_mask(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor | None:
     return removed
 
 
+def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None) -> torch.Tensor:
+    """vLLM's `apply_top_k_top_p` on CPUs (no Triton), with top-p by `top_p_mask`; the logits
+    may be updated in place, as vLLM's."""
+    from vllm.v1.sample.ops import topk_topp_sampler as vllm_sampler  # imported once, by vLLM
+
+    if p is None or logits.dtype != torch.float32 or logits.dim() != 2 or not logits.numel():
+        return vllm_sampler.apply_top_k_top_p_pytorch(logits, k, p, allow_cpu_sync=True)
+    if k is not None:
+        logits = vllm_sampler.apply_top_k_only(logits, k)  # vLLM's own top-k, no sort either
+    removed = top_p_mask(logits, p)
+    if removed is None:  # as vLLM would have it, whatever that is
+        return vllm_sampler.apply_top_k_top_p_pytorch(logits, None, p, allow_cpu_sync=True)
+    return logits.masked_fill_(removed, float("-inf"))
+
+
 def install_cpu_top_p() -> bool:
-    """On CPUs, route vLLM's sampler's top-k/top-p through `top_p_mask` when top-p is asked."""
+    """On CPUs without Triton, vLLM's sampler calls `apply_top_k_top_p` above instead of its own,
+    which there is `apply_top_k_top_p_pytorch` (the sort)."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu() or os.environ.get(OPT_OUT) == "vllm":
         return False
-    from vllm.v1.sample.ops import topk_topp_sampler as sampler
+    from vllm.v1.sample.ops import topk_topp_sampler as vllm_sampler
 
-    if getattr(sampler, "HAS_TRITON", False):  # vLLM has a sort-free kernel there
+    if getattr(vllm_sampler, "HAS_TRITON", False):  # vLLM has a sort-free kernel there
         return False
-    vllm_top_k_top_p = sampler.apply_top_k_top_p
-    if getattr(vllm_top_k_top_p, "__module__", None) == __name__:
-        return True
-
-    def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None) -> torch.Tensor:
-        if p is None or logits.dtype != torch.float32 or logits.dim() != 2 or not logits.numel():
-            return vllm_top_k_top_p(logits, k, p)
-        if k is not None:
-            logits = sampler.apply_top_k_only(logits, k)  # vLLM's own top-k, no sort either
-            k = None
-        removed = top_p_mask(logits, p)
-        if removed is None:  # as vLLM would have it, whatever that is
-            return vllm_top_k_top_p(logits, k, p)
-        return logits.masked_fill_(removed, float("-inf"))
-
-    sampler.apply_top_k_top_p = apply_top_k_top_p
+    vllm_sampler.apply_top_k_top_p = apply_top_k_top_p
     return True
