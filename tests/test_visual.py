@@ -1,5 +1,6 @@
-"""The vision tower's two attention forms (the original's scores-softmax-values
-on CPUs, torch's fused kernel elsewhere) both match the reference in float32.
+"""The vision tower's two attention forms, in the ViT's blocks and in the
+adapter (the original's scores-softmax-values on CPUs, torch's fused kernel
+elsewhere), both match the reference in float32.
 
 Run in a child process: the tower's parallel layers need a one-rank vLLM
 distributed state, which must not leak into the engines other tests start."""
@@ -11,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,13 +21,14 @@ CHILD = textwrap.dedent("""
     from pathlib import Path
     import torch
     from qwen_vl.benchmarks import vision
-    from qwen_vl.model_executor.visual import VisualAttention
+    from qwen_vl.model_executor.visual import Adapter
 
     vision.init_vllm_single_rank()
     ours, reference = vision.build_models(*vision.checkpoint_visual(Path(sys.argv[1])), torch.float32)
-    attentions = [m for m in ours.modules() if isinstance(m, VisualAttention)]
+    attentions = vision.attention_layers(ours)
     pixels = torch.randn(2, 3, 448, 448, generator=torch.Generator().manual_seed(1))
-    out = {"default_fused": [m.fused for m in attentions]}
+    out = {"default_fused": [m.fused for m in attentions],
+           "adapters": sum(isinstance(m, Adapter) for m in attentions), "layers": len(attentions)}
     with torch.inference_mode():
         want = reference(pixels)
         for fused in (False, True):
@@ -52,7 +55,9 @@ def both_forms(tiny_checkpoint):
 
 
 def test_cpu_uses_the_originals_scores_form(both_forms):
-    assert both_forms["default_fused"] and not any(both_forms["default_fused"])
+    # The tiny preset's two ViT blocks and its adapter.
+    assert both_forms["adapters"] == 1 and both_forms["layers"] == 3
+    assert not any(both_forms["default_fused"])
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["scores", "fused"])
@@ -68,3 +73,26 @@ def test_benchmark_times_each_form_and_restores_the_tower(both_forms):
     assert len(forms["scores_images_per_s"]) == len(forms["fused_images_per_s"]) == 2
     assert all(rate > 0 for rate in forms["scores_images_per_s"] + forms["fused_images_per_s"])
     assert both_forms["after_forms"] == [False] * len(both_forms["after_forms"])
+
+
+def test_resized_positions_are_computed_once_per_table():
+    from qwen_vl.model_executor.visual import ResizedPositions, resize_positions
+
+    table = torch.randn(256, 64, generator=torch.Generator().manual_seed(2))
+    positions = ResizedPositions()
+    first = positions(table, 1024)
+    assert torch.equal(first, resize_positions(table, 1024))
+    assert positions(table, 1024) is first
+
+
+def test_resized_positions_follow_a_table_changed_in_place():
+    from qwen_vl.model_executor.visual import ResizedPositions, resize_positions
+
+    table = torch.randn(256, 64, generator=torch.Generator().manual_seed(3))
+    positions = ResizedPositions()
+    positions(table, 1024)
+    with torch.no_grad():
+        table.data.copy_(torch.randn(256, 64, generator=torch.Generator().manual_seed(4)))
+    assert torch.equal(positions(table, 1024), resize_positions(table, 1024))
+    assert torch.equal(positions(table.bfloat16(), 1024), resize_positions(table.bfloat16(), 1024))
+    assert positions(table, 256).shape == (256, 64)

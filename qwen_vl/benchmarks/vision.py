@@ -10,8 +10,9 @@ weights: the `tiny` and `small` presets load them from a checkpoint written into
 cache; `real` builds the real sizes (48 layers of width 1664) with random weights, identical
 in both models, without writing a checkpoint. Input: random pixels, already preprocessed
 [batch, 3, 448, 448]. Each figure is the median of `--repeats` timed forwards after one untimed
-one. `--attention-forms` also times our tower with each ViT attention form
-(`VisualAttention.fused`), alternating.
+one. `--attention-forms` also times our tower with each attention form (`fused`, of the ViT's
+blocks and of the adapter together: the original's explicit scores, or torch's fused kernel),
+alternating.
 """
 
 import argparse
@@ -100,12 +101,17 @@ def images_per_second(model, batch: int, repeats: int, dtype: torch.dtype, size:
     return batch / statistics.median(times)
 
 
-def attention_forms(model, batch: int, repeats: int, dtype: torch.dtype, size: int, rounds: int = 3) -> dict:
-    """img/s of `model` with each ViT attention form, alternating for `rounds` rounds (this VM's
-    speed drifts by 10-20% within minutes: separate runs cannot compare them)."""
-    from qwen_vl.model_executor.visual import VisualAttention
+def attention_layers(model) -> list:
+    """The modules of the tower that choose an attention form: the ViT's blocks and the adapter."""
+    from qwen_vl.model_executor.visual import Adapter, VisualAttention
 
-    layers = [m for m in model.modules() if isinstance(m, VisualAttention)]
+    return [m for m in model.modules() if isinstance(m, (VisualAttention, Adapter))]
+
+
+def attention_forms(model, batch: int, repeats: int, dtype: torch.dtype, size: int, rounds: int = 3) -> dict:
+    """img/s of `model` with each attention form, alternating for `rounds` rounds (this VM's
+    speed drifts by 10-20% within minutes: separate runs cannot compare them)."""
+    layers = attention_layers(model)
     default = [m.fused for m in layers]
     out = {"scores_images_per_s": [], "fused_images_per_s": []}
     for _ in range(rounds):
