@@ -26,11 +26,9 @@ def register() -> None:
     from .sampling import install_cpu_top_p
     from .serving import register_serving_defaults
     from .tokenizer import register_tokenizer
-    from .waiting import install_cpu_blocking_waits
 
     install_fast_exit()
     install_cpu_top_p()
-    install_cpu_blocking_waits()
     register_config()
     register_tokenizer()
     register_renderer()
