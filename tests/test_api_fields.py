@@ -119,6 +119,24 @@ def test_structured_outputs_take_exactly_one_constraint(server, constraint):
     assert_error(response, 400, code="invalid_value", param="structured_outputs", says="exactly one")
 
 
+@pytest.mark.parametrize("penalty", [5e-324, 1e-3])
+def test_a_repetition_penalty_below_the_floor_is_refused(server, penalty):
+    # 5e-324 is 0 in float32, where vLLM applies it: masked logits times 0 are NaN, and a
+    # constrained request then sampled a token its grammar forbids (finish_reason "error").
+    body = chat_body(repetition_penalty=penalty, structured_outputs={"choice": ["yes", "no"]})
+    assert_error(post(server, "/v1/chat/completions", body), 400, code="invalid_value", param="repetition_penalty")
+
+
+@pytest.mark.parametrize("temperature", [0, 1])
+def test_a_choice_under_the_strongest_repetition_penalty_stays_a_choice(server, temperature):
+    # The prompt holds both choices, so the penalty applies to their tokens.
+    body = chat_body("yes or no?", max_tokens=2, temperature=temperature, seed=0,
+                     repetition_penalty=0.01, structured_outputs={"choice": ["yes", "no"]})
+    answer = ok(server, "/v1/chat/completions", body)["choices"][0]
+    assert answer["message"]["content"] in ("yes", "no")
+    assert answer["finish_reason"] == "stop"
+
+
 # ---- sampling and output fields --------------------------------------------------
 
 

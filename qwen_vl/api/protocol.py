@@ -20,6 +20,12 @@ MAX_TOP_LOGPROBS = 20
 # vLLM takes int64 here; this server the integers JSON carries exactly everywhere
 # (JavaScript, and JSON Schema tools, which compare big integers as floats).
 JSON_INT_MIN, JSON_INT_MAX = -(2**53 - 1), 2**53 - 1
+# vLLM only asks repetition_penalty > 0, but applies it in float32: a value
+# such as 5e-324 is 0 there, and masked logits (-inf) times 0 are NaN, so a
+# structured-output request then samples a token its grammar forbids (vLLM
+# ends it with finish_reason "error"); tiny non-zero values overflow the
+# logits they divide. 0.01 already repeats 100-fold.
+MIN_REPETITION_PENALTY = 0.01
 
 
 def _integer(value):
@@ -190,7 +196,7 @@ class SamplingFields(Request):
     seed: int | None = Field(default=None, ge=JSON_INT_MIN, le=JSON_INT_MAX)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, ge=MIN_REPETITION_PENALTY, le=2.0)
     logit_bias: dict[Annotated[str, Field(pattern=TOKEN_ID_KEY)], Annotated[float, Field(ge=-100, le=100)]] | None = None
     # vLLM's extensions.
     ignore_eos: bool = False  # generate exactly max_tokens (chat: <|im_end|> does not stop it either)
