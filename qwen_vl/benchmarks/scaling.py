@@ -13,6 +13,8 @@ Set-ups (engine arguments and environment on top of `compare`'s engine arguments
     eager        our defaults in eager mode (--enforce-eager: no torch.compile)
     vllm-top-p   our defaults, but vLLM's own top-p on CPUs, which sorts the vocabulary
                  (QWEN_VL_CPU_TOP_P=vllm); compare with `default` under --sampling checkpoint
+    images-1     our defaults, but one image encoded per engine step (--images-per-step 1)
+                 instead of vLLM's budget (8 at 2048 batched tokens)
     tp2 pp2 dp2  our defaults with --tensor-parallel-size 2 / --pipeline-parallel-size 2 /
                  --data-parallel-size 2 (one rank per core); pp2 traced once instead of eager
 
@@ -41,6 +43,7 @@ SETUPS: dict[str, tuple[dict[str, str], list[str]]] = {
     "default": ({}, []),
     "eager": ({}, ["--enforce-eager"]),
     "vllm-top-p": ({"QWEN_VL_CPU_TOP_P": "vllm"}, []),
+    "images-1": ({}, ["--images-per-step", "1"]),
     "tp2": ({}, ["--tensor-parallel-size", "2"]),
     # Traced once, not compiled (eager mode is refused: see qwen_vl/server/cpu.py).
     "pp2": ({}, ["--pipeline-parallel-size", "2", "--no-enforce-eager", "--compilation-config",

@@ -8,19 +8,43 @@ from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.outputs import RequestOutput
 from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.executor import Executor
+
+from qwen_vl.model_executor.tokenizer import IMAGE_TOKENS_PER_IMAGE
 
 from .metrics import REQUESTS_UNFINISHED, EngineGauges
 
 logger = logging.getLogger("qwen_vl.engine")
 
 
+def engine_config(engine_args: AsyncEngineArgs, images_per_step: int | None):
+    """vLLM's configuration for `engine_args`; with `images_per_step`, the vision encoder takes at
+    most that many images in one engine step (vLLM's encoder compute budget, which it otherwise
+    sets to --max-num-batched-tokens: 8 images at 2048). Chunked prefill stops a prompt just
+    before an image that does not fit and goes on in the next step."""
+    vllm_config = engine_args.create_engine_config()
+    if images_per_step is not None:
+        vllm_config.scheduler_config.max_num_encoder_input_tokens = images_per_step * IMAGE_TOKENS_PER_IMAGE
+    return vllm_config
+
+
 class Engine:
-    def __init__(self, engine_args: AsyncEngineArgs):
+    def __init__(self, engine_args: AsyncEngineArgs, images_per_step: int | None = None):
         self.engine_args = engine_args
+        self.images_per_step = images_per_step
         self.llm: AsyncLLM | None = None
 
     def start(self) -> None:
-        self.llm = AsyncLLM.from_engine_args(self.engine_args, stat_loggers=[EngineGauges])
+        vllm_config = engine_config(self.engine_args, self.images_per_step)
+        budget = vllm_config.scheduler_config.max_num_encoder_input_tokens
+        logger.info("vision encoder: at most %d image(s) per engine step (%d encoder tokens)",
+                    max(1, budget // IMAGE_TOKENS_PER_IMAGE), budget)
+        # As AsyncLLM.from_engine_args, from the configuration above.
+        self.llm = AsyncLLM(
+            vllm_config=vllm_config, executor_class=Executor.get_class(vllm_config),
+            log_requests=self.engine_args.enable_log_requests, log_stats=not self.engine_args.disable_log_stats,
+            stat_loggers=[EngineGauges],
+        )
         REQUESTS_UNFINISHED.set_function(self.unfinished_requests)
 
     def stop(self) -> None:

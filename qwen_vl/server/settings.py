@@ -78,6 +78,14 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         help="on SIGTERM, seconds that requests in flight get to finish",
     )
     group.add_argument("--max-images-per-request", type=int, default=8, help="images in one request, at most")
+    group.add_argument(
+        "--images-per-step", type=int, default=None, metavar="N",
+        help="images the vision encoder takes in one engine step, at most (vLLM's encoder compute budget); a "
+        "prompt stops just before an image that does not fit and goes on in the next step (chunked prefill). "
+        "1 bounds the stall a burst of new images puts into running streams and lowers TTFT under bursts, "
+        "but splits requests that arrive together (BENCHMARKS.md, 'Images per step'). Unset: vLLM's budget, "
+        "as many as --max-num-batched-tokens holds (8 at 2048)",
+    )
     group.add_argument("--max-request-bytes", type=int, default=32 * MIB, help="request body size limit (413 beyond)")
     group.add_argument("--max-image-bytes", type=int, default=20 * MIB, help="size limit of one image, encoded")
     group.add_argument(
@@ -149,7 +157,14 @@ def parse(argv: list[str] | None = None):
     settings (CPU binding, preloads, --headless) and vLLM's headless runner read it)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.images_per_step is not None:
+        if args.images_per_step < 1:
+            parser.error("--images-per-step: at least 1")
+        if args.enable_chunked_prefill is False:
+            parser.error("--images-per-step needs chunked prefill (a prompt's images may not fit one step): "
+                         "drop --no-enable-chunked-prefill or --images-per-step")
     if args.model is None:
         from qwen_vl.model_executor.checkpoint import demo_checkpoint
 
