@@ -4,8 +4,6 @@ prefill). Answers stay the offline engine's (vLLM's budget: all of a prompt's im
 alone and under concurrency; impossible settings are refused at start."""
 
 import asyncio
-import base64
-import io
 
 import pytest
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -14,15 +12,9 @@ from qwen_vl.engine.engine import engine_config
 from qwen_vl.server.settings import build_parser, parse
 from tests.conftest import API_KEY, SERVED_MODEL, start_server, stop_server
 from tests.images import pattern_image
-from tests.test_server_chat import OFFLINE_GREEDY, offline_answer
+from tests.test_server_chat import OFFLINE_GREEDY, data_url, image_part, offline_answer
 
 MAX_TOKENS = OFFLINE_GREEDY.max_tokens
-
-
-def data_url(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 @pytest.mark.parametrize(("flags", "says"), [
@@ -64,7 +56,7 @@ def one_image_client(one_image_server):
 
 
 def conversation(images: list, text: str) -> list[dict]:
-    parts = [{"type": "image_url", "image_url": {"url": data_url(image)}} for image in images]
+    parts = [image_part(data_url(image)) for image in images]
     return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
 
 

@@ -42,8 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         engine_died = True
         server.should_exit = True
 
-    engine = Engine(engine_args, args.images_per_step)
-    app = create_app(settings, engine, on_engine_dead)
+    app = create_app(settings, Engine(engine_args, args.images_per_step), on_engine_dead)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         timeout_graceful_shutdown=settings.shutdown_grace_period,
