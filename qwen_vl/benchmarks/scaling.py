@@ -15,6 +15,9 @@ Set-ups (engine arguments and environment on top of `compare`'s engine arguments
                  (QWEN_VL_CPU_TOP_P=vllm); compare with `default` under --sampling checkpoint
     images-1     our defaults, but one image encoded per engine step (--images-per-step 1)
                  instead of vLLM's budget (8 at 2048 batched tokens)
+    onednn       our defaults on vLLM's plain CpuPlatform (oneDNN) where the default is its
+                 ZenCpuPlatform (zentorch, AMD CPUs with AVX-512): QWEN_VL_ZENTORCH=0
+    zen-unpacked our defaults, zentorch's GEMMs on unpacked weights (VLLM_ZENTORCH_WEIGHT_PREPACK=0)
     tp2 pp2 dp2  our defaults with --tensor-parallel-size 2 / --pipeline-parallel-size 2 /
                  --data-parallel-size 2 (one rank per core); pp2 traced once instead of eager
 
@@ -44,6 +47,8 @@ SETUPS: dict[str, tuple[dict[str, str], list[str]]] = {
     "eager": ({}, ["--enforce-eager"]),
     "vllm-top-p": ({"QWEN_VL_CPU_TOP_P": "vllm"}, []),
     "images-1": ({}, ["--images-per-step", "1"]),
+    "onednn": ({"QWEN_VL_ZENTORCH": "0"}, []),
+    "zen-unpacked": ({"VLLM_ZENTORCH_WEIGHT_PREPACK": "0"}, []),
     "tp2": ({}, ["--tensor-parallel-size", "2"]),
     # Traced once, not compiled (eager mode is refused: see qwen_vl/server/cpu.py).
     "pp2": ({}, ["--pipeline-parallel-size", "2", "--no-enforce-eager", "--compilation-config",

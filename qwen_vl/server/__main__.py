@@ -26,9 +26,15 @@ def main(argv: list[str] | None = None) -> None:
         args.api_server_count, args.reasoning_parser_plugin = 1, None
         run_headless(args)
         return
+    # force: zentorch's import (ZenCpuPlatform) configures the root logger first, at WARNING.
     logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+        force=True,
     )
+    from vllm.platforms import current_platform
+
+    # ZenCpuPlatform on AMD CPUs with zentorch (QWEN_VL_ZENTORCH=0: CpuPlatform): qwen_vl/model_executor/cpu_platform.py
+    logging.getLogger("qwen_vl.server").info("vLLM platform: %s", type(current_platform).__name__)
 
     import uvicorn
 

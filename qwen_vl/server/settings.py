@@ -157,8 +157,14 @@ def parse(argv: list[str] | None = None):
     settings (CPU binding, preloads, --headless) and vLLM's headless runner read it)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
+    from qwen_vl.model_executor.cpu_platform import zentorch_wanted
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        zentorch_wanted()
+    except ValueError as error:
+        parser.error(str(error))
     if args.images_per_step is not None:
         if args.images_per_step < 1:
             parser.error("--images-per-step: at least 1")
