@@ -193,16 +193,22 @@ def image_host(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def cpu_threads_bind(value: str):
-    """VLLM_CPU_OMP_THREADS_BIND for the engines started inside: one group of
-    cores per rank ("0|1": a rank per core; vLLM's default refuses several
-    ranks on one NUMA node)."""
-    old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = value
+def environment_variable(name: str, value: str):
+    """`name`=`value` in os.environ inside (the engines and servers started there inherit
+    it), its earlier value or absence back after."""
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+            del os.environ[name]
         else:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
+            os.environ[name] = old
+
+
+def cpu_threads_bind(value: str):
+    """VLLM_CPU_OMP_THREADS_BIND for the engines started inside: one group of
+    cores per rank ("0|1": a rank per core; vLLM's default refuses several
+    ranks on one NUMA node)."""
+    return environment_variable("VLLM_CPU_OMP_THREADS_BIND", value)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import API_KEY, SERVED_MODEL, start_server, stop_server
+from tests.conftest import API_KEY, SERVED_MODEL, environment_variable, start_server, stop_server
 from tests.test_parity import assert_server_matches_reference
 
 
@@ -54,11 +54,8 @@ def opted_out_server(tiny_checkpoint, tmp_path_factory):
     if not amd_with_avx512():
         pytest.skip("not an AMD CPU with AVX-512: vLLM's CpuPlatform is already the default, tested everywhere")
     log = tmp_path_factory.mktemp("oneDNN") / "server.log"
-    os.environ["QWEN_VL_ZENTORCH"] = "0"
-    try:
+    with environment_variable("QWEN_VL_ZENTORCH", "0"):
         process, url = start_server(tiny_checkpoint, log)
-    finally:
-        del os.environ["QWEN_VL_ZENTORCH"]
     yield url, log
     stop_server(process)
 

@@ -19,7 +19,6 @@ import os
 
 ZENTORCH_ENV = "QWEN_VL_ZENTORCH"  # "0": vLLM's CpuPlatform even where zentorch would be used
 CPU_PLATFORM = "vllm.platforms.cpu.CpuPlatform"
-ZEN_CPU_PLATFORM = "vllm.platforms.zen_cpu.ZenCpuPlatform"
 
 
 def zentorch_wanted() -> bool:
