@@ -1,6 +1,7 @@
 """The benchmarks' FLOP counts (qwen_vl.benchmarks.mfu) against torch's own FLOP counter running
 the reference model: the formulas must count exactly the matrix products the model does."""
 
+import pytest
 import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
@@ -60,3 +61,37 @@ def test_matmul_peak_is_a_measured_rate():
     peak = mfu.matmul_peak("float32", threads=1, sizes=(128, 256), seconds=0.05)
     assert peak["threads"] == 1 and set(peak["flops_by_size"]) == {128, 256}
     assert peak["peak_flops"] == max(peak["flops_by_size"].values()) > 0
+
+
+def test_decode_step_bytes_are_the_weights_one_token_goes_through(reference, tiny_checkpoint):
+    """What a decoding step must read: the reference's projection and LM-head weights (not the
+    embedding table, which a step reads one row of, nor the biases and norms, which are tiny),
+    then each attended position's key and value in every layer."""
+    shapes = mfu.Shapes.from_checkpoint(tiny_checkpoint)
+    weights = sum(p.numel() for name, p in reference.named_parameters()
+                  if name.endswith(".weight") and (".h." in name and (".attn." in name or ".mlp." in name)
+                                                    or name == "lm_head.weight"))
+    assert mfu.decode_step_bytes(shapes, 2, keys=0) == 2 * weights
+    cache = reference.new_cache()
+    reference([11, 22, 33], cache=cache)
+    cached = sum(k.numel() + v.numel() for k, v in zip(cache.keys, cache.values))
+    assert mfu.decode_step_bytes(shapes, 4, keys=3) - mfu.decode_step_bytes(shapes, 4, keys=0) == 4 * cached
+
+
+def test_single_stream_ceiling_is_bound_by_compute_or_memory(tiny_checkpoint):
+    shapes = mfu.Shapes.from_checkpoint(tiny_checkpoint)
+    prompt, output = 290, 64
+    # Memory without limit: every FLOP at the peak, so the ceiling is the request's FLOPs at it.
+    compute_only = mfu.single_stream_ceiling(shapes, prompt, output, 1, peak_flops=1e11, bandwidth=float("inf"))
+    assert compute_only == pytest.approx(output / (mfu.request_flops(shapes, prompt, output, 1) / 1e11))
+    # Compute without limit: each step after the first token reads its weights and cache.
+    memory_only = mfu.single_stream_ceiling(shapes, prompt, output, 1, peak_flops=float("inf"), bandwidth=1e10)
+    step_bytes = sum(mfu.decode_step_bytes(shapes, 2, prompt + step) for step in range(1, output))
+    assert memory_only == pytest.approx(output / (step_bytes / 1e10))
+    both = mfu.single_stream_ceiling(shapes, prompt, output, 1, peak_flops=1e11, bandwidth=1e10)
+    assert both < min(compute_only, memory_only)
+
+
+def test_read_bandwidth_is_a_measured_rate():
+    rate = mfu.read_bandwidth(threads=1, mib=8, seconds=0.05)
+    assert 1e8 < rate < 1e13

@@ -22,7 +22,11 @@ The vLLM-based servers get identical engine arguments (`--dtype`, `--max-model-l
 0.23 knows them all, and gets `--trust-remote-code` and `--hf-overrides` on top to load its
 Qwen-VL model). Targets: issue 4's at the highest concurrency (ours against vllm, offline,
 baseline) and issue 10's at every level against vllm023 (output tok/s >= 1.3x, TTFT p50 and ITL
-p99 <= 0.8x). Each server starts on a free loopback port,
+p99 <= 0.8x). Every level also gets its MFU (`mfu.request_flops` of its completed requests per
+second, over torch.mm's rate in the run's dtype, measured before and after the servers run), and
+each level against vllm023 what 1.3x its throughput would take on this machine: the MFU it
+implies, or, one request at a time, its share of `mfu.single_stream_ceiling` (the matmul rate
+and the memory read bandwidth, measured likewise). Each server starts on a free loopback port,
 is waited for (/health), measured at every concurrency level (closed loop; the requests of
 level i are built with seed + i, so no level re-sends another's prompts), and stopped before the
 next starts. The checkpoint is written once into the project cache (`--preset`) unless `--model`
@@ -43,11 +47,12 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from . import vllm023
+from . import mfu, vllm023
 from .load import benchmark
 from .report import replace_section
 from .workloads import SAMPLING, WORKLOADS, build_workload
@@ -279,12 +284,38 @@ def _ratio(ours, other) -> str:
     return "n/a" if not ours or not other else f"{ours / other:.2f}x"
 
 
-def report_rows(runs: list[dict], concurrency: list[int]) -> list[str]:
+@dataclass(frozen=True)
+class Limits:
+    """What this machine can do, measured in the same run: torch.mm's rate in the run's dtype and
+    the memory read bandwidth, each the higher of its figures before and after the servers ran."""
+    shapes: mfu.Shapes
+    peak_flops: float
+    bandwidth: float
+    dtype_bytes: int
+
+    @classmethod
+    def measure(cls, model: Path, dtype: str, earlier: "Limits | None" = None) -> "Limits":
+        peak = mfu.matmul_peak(dtype)["peak_flops"]
+        bandwidth = mfu.read_bandwidth()
+        if earlier is not None:
+            peak, bandwidth = max(peak, earlier.peak_flops), max(bandwidth, earlier.bandwidth)
+        return cls(mfu.Shapes.from_checkpoint(model), peak, bandwidth, 2 if dtype == "bfloat16" else 4)
+
+
+def utilisation(limits: Limits, result: dict) -> float | None:
+    """Model FLOPs per second of a level (its completed requests) over the measured matmul peak;
+    None for runs without per-request figures (the offline engine)."""
+    if "input_lens" not in result:
+        return None
+    return mfu.run_flops(limits.shapes, result) / result["duration"] / limits.peak_flops
+
+
+def report_rows(runs: list[dict], concurrency: list[int], limits: Limits) -> list[str]:
     by = {(r["system"], r.get("concurrency")): r for r in runs if "error" not in r}
     lines = ["| concurrency | system | completed / failed | req/s | output tok/s | ours / system (tok/s) "
              "| TTFT p50 ms | TTFT p99 ms | ours / system (TTFT p50) | TPOT p50 ms | ITL p50 ms | ITL p99 ms "
-             "| ours / system (ITL p99) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| ours / system (ITL p99) | MFU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in concurrency:
         ours = by.get(("ours", c), {})
         for system in SYSTEMS:
@@ -297,12 +328,13 @@ def report_rows(runs: list[dict], concurrency: list[int]) -> list[str]:
                 f"| {r['output_throughput']:.1f} | {_ratio(ours.get('output_throughput'), r['output_throughput'])} "
                 f"| {_fmt(ttft)} | {_fmt(r.get('p99_ttft_ms'))} | {_ratio(ours.get('median_ttft_ms'), ttft)} "
                 f"| {_fmt(r.get('median_tpot_ms'))} | {_fmt(r.get('median_itl_ms'))} | {_fmt(r.get('p99_itl_ms'))} "
-                f"| {_ratio(ours.get('p99_itl_ms'), r.get('p99_itl_ms'))} |"
+                f"| {_ratio(ours.get('p99_itl_ms'), r.get('p99_itl_ms'))} "
+                f"| {_fmt(utilisation(limits, r), '{:.1%}')} |"
             )
     return lines
 
 
-def target_lines(runs: list[dict], concurrency: list[int]) -> list[str]:
+def target_lines(runs: list[dict], concurrency: list[int], limits: Limits) -> list[str]:
     top = max(concurrency)
     by = {r["system"]: r for r in runs if "error" not in r and r.get("concurrency") == top}
     ours = by.get("ours")
@@ -324,13 +356,13 @@ def target_lines(runs: list[dict], concurrency: list[int]) -> list[str]:
         ratio = ours["median_ttft_ms"] / peer["median_ttft_ms"]
         verdict = "met" if ratio <= TTFT_TARGET_VS_VLLM else "NOT met"
         lines.append(f"- TTFT p50 <= {TTFT_TARGET_VS_VLLM}x vllm: {ratio:.2f}x, {verdict}")
-    against_vllm023 = vllm023_target_lines(runs, concurrency)
+    against_vllm023 = vllm023_target_lines(runs, concurrency, limits)
     if not lines:
         return against_vllm023
     return [f"At concurrency {top}:", ""] + lines + ([""] + against_vllm023 if against_vllm023 else [])
 
 
-def vllm023_target_lines(runs: list[dict], concurrency: list[int]) -> list[str]:
+def vllm023_target_lines(runs: list[dict], concurrency: list[int], limits: Limits) -> list[str]:
     by = {(r["system"], r.get("concurrency")): r for r in runs if "error" not in r}
     if not any(system == "vllm023" for system, _ in by):
         return []
@@ -347,9 +379,26 @@ def vllm023_target_lines(runs: list[dict], concurrency: list[int]) -> list[str]:
                 continue
             ratio = ours[key] / peer[key]
             met = ratio >= bound if higher else ratio <= bound
-            verdicts.append(f"{label} {ratio:.2f}x ({'>=' if higher else '<='} {bound}x: {'met' if met else 'NOT met'})")
-        lines.append(f"- concurrency {c}: " + "; ".join(verdicts))
+            # More decimals where two would round onto the bound (1.2996x is not 1.30x).
+            digits = next((d for d in (2, 3, 4) if f"{ratio:.{d}f}" != f"{bound:.{d}f}"), 4)
+            shown = f"{ratio:.{digits}f}"
+            verdicts.append(f"{label} {shown}x ({'>=' if higher else '<='} {bound}x: {'met' if met else 'NOT met'})")
+        lines.append(f"- concurrency {c}: " + "; ".join(verdicts) + "; " + _headroom(peer, c, limits))
     return lines
+
+
+def _headroom(peer: dict, concurrency: int, limits: Limits) -> str:
+    """What 1.3x vLLM 0.23's output tok/s would take on this machine. One request at a time: the
+    single-stream ceiling (prefill at the matmul peak, each decoding step no faster than its FLOPs
+    at the peak or its weights and cache at the read bandwidth). More at once: the MFU it implies."""
+    needed = VLLM023_TARGETS[0][3] * peer["output_throughput"]
+    if concurrency == 1:
+        prompts, images = peer["input_lens"], peer["input_images"]
+        ceiling = mfu.single_stream_ceiling(limits.shapes, round(sum(prompts) / len(prompts)), peer["output_lens"][0],
+                                            round(sum(images) / len(images)), limits.peak_flops, limits.bandwidth,
+                                            limits.dtype_bytes)
+        return f"{needed:.1f} tok/s would be {needed / ceiling:.0%} of this machine's single-stream ceiling ({ceiling:.1f})"
+    return f"{needed:.1f} tok/s would be {VLLM023_TARGETS[0][3] * utilisation(limits, peer):.0%} MFU"
 
 
 def plot(runs: list[dict], path: Path, title: str) -> None:
@@ -389,7 +438,7 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
 
 
 def write_report(path: Path, runs: list[dict], args, command: str, model: Path, plot_path: Path | None,
-                 info: dict) -> None:
+                 info: dict, limits: Limits) -> None:
     started = {r["system"]: r.get("startup_s") for r in runs if r.get("startup_s")}
     errors = [f"- {r['system']}: {r['error']}" for r in runs if "error" in r]
     plot_ref = os.path.relpath(plot_path, path.parent) if plot_path else None
@@ -415,15 +464,20 @@ def write_report(path: Path, runs: list[dict], args, command: str, model: Path, 
         f"- machine: {info['nproc']} CPUs ({info['cpu']}), {info['ram_gib']} GiB RAM, Linux {info['kernel']}; "
         f"Python {info['python']}, vLLM {info['vllm']} ({info['platform']}), torch {info['torch']}; load average at the end "
         f"{' / '.join(map(str, info['load_average']))} (1/5/15 min: other work on the machine skews every figure)",
+        f"- MFU: model FLOPs of the completed requests (vision, prefill, decode, sampled logits; "
+        f"{mfu.request_flops(limits.shapes, 290, args.max_tokens, 1) / 1e9:.0f} GFLOP for a 290-token one-image request) "
+        f"per second, over torch.mm in {args.dtype} on every core, the higher of its rates before and after the "
+        f"servers ran: {limits.peak_flops / 1e9:.0f} GFLOP/s; memory read bandwidth (the same way): "
+        f"{limits.bandwidth / 1e9:.1f} GB/s",
         "- start-up to healthy: " + ", ".join(f"{s} {t:.1f} s" for s, t in started.items()),
         f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
         "",
         "Ratios are this server's figure over the other system's (tok/s: higher is better for us; "
         "TTFT: lower is better for us). The offline engine has no TTFT.",
         "",
-        *report_rows(runs, args.concurrency),
+        *report_rows(runs, args.concurrency, limits),
         "",
-        *target_lines(runs, args.concurrency),
+        *target_lines(runs, args.concurrency, limits),
         "",
     ]
     if plot_ref:
@@ -484,6 +538,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     root = str(Path(__file__).resolve().parents[2])
     pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib), "PYTHONPATH": pythonpath}
+    limits = Limits.measure(model, args.dtype)  # before any server runs: the machine to itself
     runs: list[dict] = []
     for system in args.systems:
         began = time.perf_counter()
@@ -492,6 +547,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         else:
             runs += run_server(system, model, args, args.out_dir, env)
         print(f"[{system}] done in {time.perf_counter() - began:.0f} s", file=sys.stderr)
+    limits = Limits.measure(model, args.dtype, limits)
     info = machine()
     if "vllm023" in args.systems:
         info["vllm023"] = vllm023_info(args)
@@ -500,8 +556,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         # as vLLM starts them, as `vllm serve` with the plugin does unless told.
         info["vllm_cpu"] = (f"VLLM_CPU_OMP_THREADS_BIND={os.environ.get('VLLM_CPU_OMP_THREADS_BIND', 'auto')}, "
                             f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '(none)')}")
-    (args.out_dir / "results.json").write_text(json.dumps({"command": command, "machine": info, "runs": runs},
-                                                          indent=2) + "\n")
+    (args.out_dir / "results.json").write_text(json.dumps(
+        {"command": command, "machine": info, "limits": {"peak_flops": limits.peak_flops, "bandwidth": limits.bandwidth},
+         "runs": runs}, indent=2) + "\n")
     measured = [r for r in runs if "error" not in r]
     plot_path = None
     if measured and importlib.util.find_spec("matplotlib") is None:
@@ -509,9 +566,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     elif measured:
         plot_path = args.plot or args.markdown.with_suffix(".png")
         plot(measured, plot_path, f"Qwen-VL {args.preset or model.name}, {args.workload}, {args.max_tokens} tokens")
-    write_report(args.markdown, runs, args, command, model, plot_path, info)
-    print("\n".join(report_rows(runs, args.concurrency)))
-    print("\n".join(target_lines(runs, args.concurrency)))
+    write_report(args.markdown, runs, args, command, model, plot_path, info, limits)
+    print("\n".join(report_rows(runs, args.concurrency, limits)))
+    print("\n".join(target_lines(runs, args.concurrency, limits)))
     print(f"report: {args.markdown}; plot: {plot_path}")
     return runs
 

@@ -17,6 +17,12 @@ and rotary are left out, as is usual for MFU):
 `tests/test_mfu.py` checks these counts against torch's own FLOP counter running the reference
 model. The peak is torch's bf16 (or float32) matrix multiply on square matrices, with as many
 threads as the server computes with, measured in the same run as the load.
+
+One request at a time is bound by memory as much as by compute: each decoding step reads every
+projection weight, the LM head and the sequence's cache (`decode_step_bytes`), and the steps of one
+request cannot overlap. `single_stream_ceiling` is the output rate a single stream could reach at
+best on this machine: its prefill at the matmul peak, then every step at the slower of its FLOPs
+at that peak and its bytes at the read bandwidth (`read_bandwidth`, measured like the peak).
 """
 
 import argparse
@@ -98,6 +104,55 @@ def run_flops(s: Shapes, result: dict) -> int:
         result["input_lens"], result["output_lens"], result["input_images"], result["request_errors"]) if not error)
 
 
+def decode_step_bytes(s: Shapes, dtype_bytes: int, keys: int) -> int:
+    """The least one decoding step of one sequence reads from memory: every layer's projection
+    weights, the LM head, and the keys and values of the `keys` positions it attends to."""
+    weights = decoder_linear_flops(s) // 2 + lm_head_flops(s) // 2
+    return dtype_bytes * (weights + s.layers * 2 * s.hidden * keys)
+
+
+def single_stream_ceiling(s: Shapes, prompt_tokens: int, output_tokens: int, images: int, peak_flops: float,
+                          bandwidth: float, dtype_bytes: int = 2) -> float:
+    """Output tokens per second one request at a time could reach on this machine, at best.
+
+    Its images and prompt at the matmul peak (the first token's logits included), then each
+    further token a step that takes at least its FLOPs at the peak and at least its bytes
+    (`decode_step_bytes`) at the read bandwidth: the steps of one request cannot overlap."""
+    fed = prompt_tokens
+    prefill = (images * vision_flops(s) + fed * decoder_linear_flops(s)
+               + s.layers * 4 * s.hidden * (fed * (fed + 1) // 2) + lm_head_flops(s))
+    seconds = prefill / peak_flops
+    for step in range(1, output_tokens):
+        keys = prompt_tokens + step
+        flops = decoder_linear_flops(s) + attention_flops(s, keys) + lm_head_flops(s)
+        seconds += max(flops / peak_flops, decode_step_bytes(s, dtype_bytes, keys) / bandwidth)
+    return output_tokens / seconds
+
+
+def read_bandwidth(threads: int | None = None, mib: int = 1024, seconds: float = 1.0) -> float:
+    """Bytes per second torch reads from memory: the better of a sum and a max over a float32
+    tensor far larger than the caches, each run for about `seconds`. (On this machine's 2-core
+    VM: 29-33 GB/s, as zentorch's matrix-vector product over the LM head's 311 MB.)"""
+    import torch
+
+    threads = threads or len(os.sched_getaffinity(0))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    best = 0.0
+    try:
+        x = torch.ones(mib * 2**20 // 4)
+        for read in (torch.sum, torch.amax):
+            read(x)  # warm-up: page faults
+            runs, began = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - began) < seconds:
+                read(x)
+                runs += 1
+            best = max(best, x.numel() * 4 * runs / elapsed)
+    finally:
+        torch.set_num_threads(previous)
+    return best
+
+
 def matmul_peak(dtype: str = "bfloat16", threads: int | None = None, sizes=(1024, 2048, 4096),
                 seconds: float = 2.0) -> dict:
     """The best FLOP/s of torch.mm on square matrices of `sizes`, each run for about `seconds`."""
@@ -140,6 +195,13 @@ def main(argv: list[str] | None = None) -> None:
     peak = matmul_peak(args.dtype)
     sizes = ", ".join(f"{n}: {f / 1e9:.0f}" for n, f in peak["flops_by_size"].items())
     print(f"torch.mm {args.dtype}, {peak['threads']} thread(s), GFLOP/s by size: {sizes}")
+    bandwidth = read_bandwidth()
+    dtype_bytes = 2 if args.dtype == "bfloat16" else 4
+    ceiling = single_stream_ceiling(s, args.prompt_tokens, args.output_tokens, args.images, peak["peak_flops"],
+                                    bandwidth, dtype_bytes)
+    print(f"memory read: {bandwidth / 1e9:.1f} GB/s; a decoding step reads at least "
+          f"{decode_step_bytes(s, dtype_bytes, args.prompt_tokens) / 1e6:.0f} MB; one request at a time: "
+          f"at most {ceiling:.1f} output tok/s")
 
 
 if __name__ == "__main__":

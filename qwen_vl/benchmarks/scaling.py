@@ -57,12 +57,7 @@ SETUPS: dict[str, tuple[dict[str, str], list[str]]] = {
 }
 
 
-def utilisation(shapes: mfu.Shapes, result: dict, peak_flops: float) -> float:
-    """Model FLOPs per second of the level over the measured matmul peak."""
-    return mfu.run_flops(shapes, result) / result["duration"] / peak_flops
-
-
-def rows(results: dict[str, list[dict]], concurrency: list[int], shapes: mfu.Shapes, peak_flops: float) -> list[str]:
+def rows(results: dict[str, list[dict]], concurrency: list[int], limits: compare.Limits) -> list[str]:
     lines = ["| setup | concurrency | completed / failed | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms "
              "| ITL p99 ms | MFU | start-up s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for setup, runs in results.items():
@@ -76,7 +71,7 @@ def rows(results: dict[str, list[dict]], concurrency: list[int], shapes: mfu.Sha
             lines.append(
                 f"| {setup} | {c} | {r['completed']} / {r['failed']} | {r['output_throughput']:.1f} "
                 f"| {r['median_ttft_ms']:.0f} | {r['p99_ttft_ms']:.0f} | {r['median_itl_ms']:.1f} "
-                f"| {r['p99_itl_ms']:.1f} | {100 * utilisation(shapes, r, peak_flops):.1f}% | {r['startup_s']:.0f} |"
+                f"| {r['p99_itl_ms']:.1f} | {compare.utilisation(limits, r):.1%} | {r['startup_s']:.0f} |"
             )
     return lines
 
@@ -91,9 +86,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     command = shlex.join(["python", "-m", "qwen_vl.benchmarks.scaling", *(sys.argv[1:] if argv is None else argv)])
     model = args.model or compare.checkpoint_for(args.preset)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
-    shapes = mfu.Shapes.from_checkpoint(model)
-    peak = mfu.matmul_peak(args.dtype)  # before any server runs: the machine to itself
-    print(f"torch.mm {args.dtype} on {peak['threads']} thread(s): {peak['peak_flops'] / 1e9:.0f} GFLOP/s", file=sys.stderr)
+    limits = compare.Limits.measure(model, args.dtype)  # before any server runs: the machine to itself
+    print(f"torch.mm {args.dtype}: {limits.peak_flops / 1e9:.0f} GFLOP/s", file=sys.stderr)
     results: dict[str, list[dict]] = {}
     base_engine_args = list(args.engine_arg)
     for setup in args.setups:
@@ -104,13 +98,12 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         began = time.perf_counter()
         results[setup] = compare.run_server("ours", model, args, out_dir, {**env, **extra_env})
         print(f"[{setup}] done in {time.perf_counter() - began:.0f} s", file=sys.stderr)
-    end = mfu.matmul_peak(args.dtype)
-    print(f"torch.mm {args.dtype} after the runs: {end['peak_flops'] / 1e9:.0f} GFLOP/s", file=sys.stderr)
-    peak = max(peak, end, key=lambda p: p["peak_flops"])
+    limits = compare.Limits.measure(model, args.dtype, limits)
     info = compare.machine()
-    (args.out_dir / "results.json").write_text(json.dumps({"command": command, "machine": info, "matmul_peak": peak,
-                                                           "runs": results}, indent=2) + "\n")
-    table = rows(results, args.concurrency, shapes, peak["peak_flops"])
+    (args.out_dir / "results.json").write_text(json.dumps(
+        {"command": command, "machine": info, "limits": {"peak_flops": limits.peak_flops, "bandwidth": limits.bandwidth},
+         "runs": results}, indent=2) + "\n")
+    table = rows(results, args.concurrency, limits)
     print("\n".join(table))
     if args.markdown:
         args.engine_arg = base_engine_args
@@ -124,10 +117,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
             f"load average at the end {' / '.join(map(str, info['load_average']))} (the machine is shared: "
             "other work skews every figure)",
             f"- MFU: model FLOPs of the completed requests (vision, prefill, decode, sampled logits; "
-            f"{mfu.request_flops(shapes, 290, args.max_tokens, 1) / 1e9:.0f} GFLOP for a 290-token one-image request) per "
-            f"second, over torch.mm in {args.dtype} on {peak['threads']} thread(s), the higher of its rates at the start and "
-            f"the end of this run: "
-            f"{peak['peak_flops'] / 1e9:.0f} GFLOP/s",
+            f"{mfu.request_flops(limits.shapes, 290, args.max_tokens, 1) / 1e9:.0f} GFLOP for a 290-token one-image "
+            f"request) per second, over torch.mm in {args.dtype} on every core, the higher of its rates at the start and "
+            f"the end of this run: {limits.peak_flops / 1e9:.0f} GFLOP/s",
             f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}", "", *table,
         ]
         replace_section(args.markdown, args.section, text)
