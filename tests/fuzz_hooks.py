@@ -9,25 +9,18 @@ the field: the served model's name, a conversation that ends with the user,
 images that can be fetched (none in raw prompts), no sampling n > 1 when greedy, and the few
 field combinations vLLM refuses. Invalid requests are left as drawn."""
 
-import base64
-import io
-
 import schemathesis
 from PIL import Image
 from schemathesis import GenerationMode
+
+from tests.images import data_url
 
 SERVED_MODEL = "qwen-vl-tiny"
 MAX_TOKENS = 2
 MAX_IMAGES = 4  # the server's --max-images-per-request in the tests
 
 
-def _png_data_url() -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", (16, 16), (200, 30, 30)).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-IMAGE_URL = _png_data_url()
+IMAGE_URL = data_url(Image.new("RGB", (16, 16), (200, 30, 30)))
 
 
 def _cap_tokens(body: dict) -> None:

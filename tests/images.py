@@ -1,6 +1,9 @@
 """Deterministic test images: distinct, textured content (so that a wrong
 resize, channel order or normalisation changes the encoder's output)."""
 
+import base64
+import io
+
 import numpy as np
 from PIL import Image
 
@@ -17,3 +20,12 @@ def pattern_image(seed: int, size: tuple[int, int] = (448, 448), mode: str = "RG
         channels.append(np.clip((wave + noise) * 100 + 128, 0, 255))
     pixels = np.stack(channels, axis=-1).astype(np.uint8)
     return Image.fromarray(pixels)  # 3 channels: RGB, 4: RGBA
+
+
+def data_url(content: Image.Image | bytes, mime: str = "image/png") -> str:
+    """A data URL: a PIL image saved as PNG, or bytes sent as they are, labelled `mime`."""
+    if isinstance(content, Image.Image):
+        buffer = io.BytesIO()
+        content.save(buffer, format="PNG")
+        content = buffer.getvalue()
+    return f"data:{mime};base64,{base64.b64encode(content).decode()}"

@@ -3,8 +3,6 @@ backend, the sampling and output extensions, /tokenize and /detokenize, and
 what is refused (with a 400 naming the field). One shared server, tiny
 checkpoint, float32, greedy where the answer is compared."""
 
-import base64
-import io
 import json
 import socket
 from urllib.parse import urlsplit
@@ -16,7 +14,7 @@ import pytest
 from qwen_vl.api.grounding import parse_grounding
 from qwen_vl.model_executor.tokenizer import ENDOFTEXT_ID, IM_END_ID, IMG_PAD_ID
 from tests.conftest import API_KEY, SERVED_MODEL, assert_error, chat_body
-from tests.images import pattern_image
+from tests.images import data_url, pattern_image
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 # Qwen-VL's grounding markup, as the playground's "ground" toggle asks for it.
@@ -37,12 +35,6 @@ def ok(server: str, path: str, body: dict) -> dict:
     response = post(server, path, body)
     assert response.status_code == 200, response.text
     return response.json()
-
-
-def data_url(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 IMAGE = pattern_image(3, (640, 480))

@@ -7,7 +7,6 @@ refusals: invalid fields, auth, sizes, context length.)
 An accepted image is answered exactly as the same pixels after the
 original's `convert("RGB")`, sent as a PNG."""
 
-import base64
 import io
 import json
 import random
@@ -20,7 +19,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import API_KEY, SERVED_MODEL, assert_error, chat_body
-from tests.images import pattern_image
+from tests.images import data_url, pattern_image
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -33,8 +32,7 @@ def post(server: str, path: str, body=None, *, content: bytes | None = None) -> 
 
 
 def with_image(data: bytes, mime: str = "image/png", **fields) -> dict:
-    url = f"data:{mime};base64,{base64.b64encode(data).decode()}"
-    parts = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]
+    parts = [{"type": "image_url", "image_url": {"url": data_url(data, mime)}}, {"type": "text", "text": "What is this?"}]
     return chat_body(parts, **fields)
 
 

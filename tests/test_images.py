@@ -23,6 +23,7 @@ from PIL import Image
 
 from qwen_vl.api import images
 from qwen_vl.api.images import ImageError, ImageLimits, is_public_address, load_image, load_images
+from tests.images import data_url
 
 LOCAL = ImageLimits(allow_private_networks=True)
 
@@ -31,10 +32,6 @@ def encode(image: Image.Image, fmt: str, **options) -> bytes:
     out = io.BytesIO()
     image.save(out, fmt, **options)
     return out.getvalue()
-
-
-def data_url(data: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 def load(url: str, limits: ImageLimits = ImageLimits(), client: httpx.AsyncClient | None = None) -> Image.Image:

@@ -11,8 +11,8 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from qwen_vl.engine.engine import engine_config
 from qwen_vl.server.settings import build_parser, parse
 from tests.conftest import API_KEY, SERVED_MODEL, start_server, stop_server
-from tests.images import pattern_image
-from tests.test_server_chat import OFFLINE_GREEDY, data_url, image_part, offline_answer
+from tests.images import data_url, pattern_image
+from tests.test_server_chat import OFFLINE_GREEDY, image_part, offline_answer
 
 MAX_TOKENS = OFFLINE_GREEDY.max_tokens
 

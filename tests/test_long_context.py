@@ -182,7 +182,8 @@ def test_prompts_of_one_alpha_share_their_cached_prefix(shared_prefix_prompts, e
 
 
 def test_a_long_chat_with_image_turns_through_the_server_equals_offline_greedy(client, engine, ref_tokenizer):
-    from tests.test_server_chat import data_url, image_part, offline_answer
+    from tests.images import data_url
+    from tests.test_server_chat import image_part, offline_answer
 
     first, second, third = (pattern_image(500 + i, (400, 300)) for i in range(3))
     turns = [("Describe both. " + words(900, 30), words(300, 31)), ("And now? " + words(700, 32), words(200, 33))]

@@ -72,7 +72,7 @@ def assert_matches_reference(llm, prompt_ids, images, expected) -> None:
 def chat_case(tok) -> tuple[dict, list[int], list]:
     """A greedy chat request with one image, and the same conversation as the
     original's prompt ids and images."""
-    from tests.test_server_chat import data_url
+    from tests.images import data_url
 
     image = pattern_image(0, (640, 480))
     body = {

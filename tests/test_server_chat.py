@@ -3,8 +3,6 @@ answers equal the offline engine's greedy output for the same conversation,
 in every shape the API takes images and turns."""
 
 import asyncio
-import base64
-import io
 import time
 
 import httpx
@@ -12,16 +10,10 @@ import pytest
 from vllm import SamplingParams
 
 from tests.conftest import API_KEY, SERVED_MODEL
-from tests.images import pattern_image
+from tests.images import data_url, pattern_image
 
 MAX_TOKENS = 16
 OFFLINE_GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, stop_token_ids=[151645, 151644])
-
-
-def data_url(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def image_part(url: str) -> dict:

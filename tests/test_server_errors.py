@@ -3,7 +3,6 @@
 trace; and a refused request does not disturb the ones being served."""
 
 import asyncio
-import base64
 import io
 import json
 import os
@@ -14,7 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import API_KEY, SERVED_MODEL, assert_error, chat_body
-from tests.images import pattern_image
+from tests.images import data_url, pattern_image
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MIB = 1024 * 1024
@@ -27,10 +26,6 @@ def post(server: str, path: str, body=None, *, content: bytes | None = None, hea
 
 def image_part(url: str) -> dict:
     return {"type": "image_url", "image_url": {"url": url}}
-
-
-def data_url(data: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 def png_bytes(image: Image.Image) -> bytes:

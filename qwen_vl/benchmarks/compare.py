@@ -393,9 +393,10 @@ def _headroom(peer: dict, concurrency: int, limits: Limits) -> str:
     at the peak or its weights and cache at the read bandwidth). More at once: the MFU it implies."""
     needed = VLLM023_TARGETS[0][3] * peer["output_throughput"]
     if concurrency == 1:
-        prompts, images = peer["input_lens"], peer["input_images"]
-        ceiling = mfu.single_stream_ceiling(limits.shapes, round(sum(prompts) / len(prompts)), peer["output_lens"][0],
-                                            round(sum(images) / len(images)), limits.peak_flops, limits.bandwidth,
+        done = [(p, o, i) for p, o, i, error in zip(peer["input_lens"], peer["output_lens"], peer["input_images"],
+                                                    peer["request_errors"]) if not error]
+        prompt, output, images = (round(sum(column) / len(done)) for column in zip(*done))
+        ceiling = mfu.single_stream_ceiling(limits.shapes, prompt, output, images, limits.peak_flops, limits.bandwidth,
                                             limits.dtype_bytes)
         return f"{needed:.1f} tok/s would be {needed / ceiling:.0%} of this machine's single-stream ceiling ({ceiling:.1f})"
     return f"{needed:.1f} tok/s would be {VLLM023_TARGETS[0][3] * utilisation(limits, peer):.0%} MFU"

@@ -8,7 +8,6 @@ from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.outputs import RequestOutput
 from vllm.v1.engine.async_llm import AsyncLLM
-from vllm.v1.executor import Executor
 
 from qwen_vl.model_executor.tokenizer import IMAGE_TOKENS_PER_IMAGE
 
@@ -39,11 +38,9 @@ class Engine:
         budget = vllm_config.scheduler_config.max_num_encoder_input_tokens
         logger.info("vision encoder: at most %d image(s) per engine step (%d encoder tokens)",
                     max(1, budget // IMAGE_TOKENS_PER_IMAGE), budget)
-        # As AsyncLLM.from_engine_args, from the configuration above.
-        self.llm = AsyncLLM(
-            vllm_config=vllm_config, executor_class=Executor.get_class(vllm_config),
-            log_requests=self.engine_args.enable_log_requests, log_stats=not self.engine_args.disable_log_stats,
-            stat_loggers=[EngineGauges],
+        self.llm = AsyncLLM.from_vllm_config(
+            vllm_config, stat_loggers=[EngineGauges], enable_log_requests=self.engine_args.enable_log_requests,
+            disable_log_stats=self.engine_args.disable_log_stats,
         )
         REQUESTS_UNFINISHED.set_function(self.unfinished_requests)
 
