@@ -299,7 +299,16 @@ class Limits:
         bandwidth = mfu.read_bandwidth()
         if earlier is not None:
             peak, bandwidth = max(peak, earlier.peak_flops), max(bandwidth, earlier.bandwidth)
-        return cls(mfu.Shapes.from_checkpoint(model), peak, bandwidth, 2 if dtype == "bfloat16" else 4)
+        return cls(mfu.Shapes.from_checkpoint(model), peak, bandwidth, mfu.DTYPE_BYTES[dtype])
+
+
+def limits_line(limits: Limits, args) -> str:
+    """The report's line on how MFU is counted and what the machine measured."""
+    return (f"- MFU: model FLOPs of the completed requests (vision, prefill, decode, sampled logits; "
+            f"{mfu.request_flops(limits.shapes, 290, args.max_tokens, 1) / 1e9:.0f} GFLOP for a 290-token one-image "
+            f"request) per second, over torch.mm in {args.dtype} on every core, the higher of its rates before and "
+            f"after the servers ran: {limits.peak_flops / 1e9:.0f} GFLOP/s; memory read bandwidth (the same way): "
+            f"{limits.bandwidth / 1e9:.1f} GB/s")
 
 
 def utilisation(limits: Limits, result: dict) -> float | None:
@@ -465,11 +474,7 @@ def write_report(path: Path, runs: list[dict], args, command: str, model: Path, 
         f"- machine: {info['nproc']} CPUs ({info['cpu']}), {info['ram_gib']} GiB RAM, Linux {info['kernel']}; "
         f"Python {info['python']}, vLLM {info['vllm']} ({info['platform']}), torch {info['torch']}; load average at the end "
         f"{' / '.join(map(str, info['load_average']))} (1/5/15 min: other work on the machine skews every figure)",
-        f"- MFU: model FLOPs of the completed requests (vision, prefill, decode, sampled logits; "
-        f"{mfu.request_flops(limits.shapes, 290, args.max_tokens, 1) / 1e9:.0f} GFLOP for a 290-token one-image request) "
-        f"per second, over torch.mm in {args.dtype} on every core, the higher of its rates before and after the "
-        f"servers ran: {limits.peak_flops / 1e9:.0f} GFLOP/s; memory read bandwidth (the same way): "
-        f"{limits.bandwidth / 1e9:.1f} GB/s",
+        limits_line(limits, args),
         "- start-up to healthy: " + ", ".join(f"{s} {t:.1f} s" for s, t in started.items()),
         f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
         "",

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PATCHES = 1024  # (448 / 14)^2
+DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
 QUERIES = 256  # the adapter's learned queries: positions per image
 
 
@@ -118,10 +119,7 @@ def single_stream_ceiling(s: Shapes, prompt_tokens: int, output_tokens: int, ima
     Its images and prompt at the matmul peak (the first token's logits included), then each
     further token a step that takes at least its FLOPs at the peak and at least its bytes
     (`decode_step_bytes`) at the read bandwidth: the steps of one request cannot overlap."""
-    fed = prompt_tokens
-    prefill = (images * vision_flops(s) + fed * decoder_linear_flops(s)
-               + s.layers * 4 * s.hidden * (fed * (fed + 1) // 2) + lm_head_flops(s))
-    seconds = prefill / peak_flops
+    seconds = request_flops(s, prompt_tokens, 1, images) / peak_flops  # up to the first token
     for step in range(1, output_tokens):
         keys = prompt_tokens + step
         flops = decoder_linear_flops(s) + attention_flops(s, keys) + lm_head_flops(s)
@@ -131,8 +129,8 @@ def single_stream_ceiling(s: Shapes, prompt_tokens: int, output_tokens: int, ima
 
 def read_bandwidth(threads: int | None = None, mib: int = 1024, seconds: float = 1.0) -> float:
     """Bytes per second torch reads from memory: the better of a sum and a max over a float32
-    tensor far larger than the caches, each run for about `seconds`. (On this machine's 2-core
-    VM: 29-33 GB/s, as zentorch's matrix-vector product over the LM head's 311 MB.)"""
+    tensor far larger than the caches, each run for about `seconds`. (This 2-core VM: 29-42 GB/s
+    on 2026-12-03; zentorch's matrix-vector products over the model's weights reached about 30.)"""
     import torch
 
     threads = threads or len(os.sched_getaffinity(0))
@@ -196,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes = ", ".join(f"{n}: {f / 1e9:.0f}" for n, f in peak["flops_by_size"].items())
     print(f"torch.mm {args.dtype}, {peak['threads']} thread(s), GFLOP/s by size: {sizes}")
     bandwidth = read_bandwidth()
-    dtype_bytes = 2 if args.dtype == "bfloat16" else 4
+    dtype_bytes = DTYPE_BYTES[args.dtype]
     ceiling = single_stream_ceiling(s, args.prompt_tokens, args.output_tokens, args.images, peak["peak_flops"],
                                     bandwidth, dtype_bytes)
     print(f"memory read: {bandwidth / 1e9:.1f} GB/s; a decoding step reads at least "

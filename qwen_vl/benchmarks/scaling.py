@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import compare, mfu
+from . import compare
 from .report import replace_section
 
 SETUPS: dict[str, tuple[dict[str, str], list[str]]] = {
@@ -116,10 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
             f"- machine: {info['nproc']} CPUs ({info['cpu']}), {info['ram_gib']} GiB RAM; vLLM {info['vllm']} (default platform: {info['platform']}); "
             f"load average at the end {' / '.join(map(str, info['load_average']))} (the machine is shared: "
             "other work skews every figure)",
-            f"- MFU: model FLOPs of the completed requests (vision, prefill, decode, sampled logits; "
-            f"{mfu.request_flops(limits.shapes, 290, args.max_tokens, 1) / 1e9:.0f} GFLOP for a 290-token one-image "
-            f"request) per second, over torch.mm in {args.dtype} on every core, the higher of its rates at the start and "
-            f"the end of this run: {limits.peak_flops / 1e9:.0f} GFLOP/s",
+            compare.limits_line(limits, args),
             f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}", "", *table,
         ]
         replace_section(args.markdown, args.section, text)
