@@ -1,8 +1,8 @@
 """Tensor parallelism: the ViT's heads and MLP and the decoder split across
 ranks (the adapter replicated on each) give the reference's answers: at TP=2
 on the tiny checkpoint in every run, and at TP=1 and TP=2 on a checkpoint
-with the real model's widths and head counts on request
-(QWEN_VL_REAL_WIDTHS_TESTS=1). Sizes that do not divide by the
+with the real model's widths and head counts in a pass of their own
+(`scripts/test.sh` runs it; QWEN_VL_REAL_WIDTHS_TESTS=1). Sizes that do not divide by the
 tensor-parallel size are refused when the engine's config is built, naming
 the size."""
 
@@ -72,7 +72,9 @@ def test_tp2_matches_reference(name, tiny_tp2_engine, ref_tokenizer, reference):
 
 # Real widths need memory: the TP=1 worker holds ~14 GB in float32 (the vocabulary dominates).
 # Beside the suite's other engines the TP=2 engine once found 0.5 GiB free on a 24 GiB
-# machine, so they run on request (QWEN_VL_REAL_WIDTHS_TESTS=1), each engine alone.
+# machine, so they run in a pytest process of their own, each engine alone:
+# `scripts/test.sh` runs the suite with `-m "not real_widths"`, then these with
+# QWEN_VL_REAL_WIDTHS_TESTS=1. A bare `pytest` skips them, saying why.
 @pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
 def real_widths_engine(request, real_widths_checkpoint, expected):
     llm = tp_engine(real_widths_checkpoint, request.param)
@@ -80,6 +82,7 @@ def real_widths_engine(request, real_widths_checkpoint, expected):
     shut_down(llm)
 
 
+@pytest.mark.real_widths
 @pytest.mark.skipif(os.environ.get("QWEN_VL_REAL_WIDTHS_TESTS") != "1",
                     reason="real widths need ~14 GB beside the suite's engines: QWEN_VL_REAL_WIDTHS_TESTS=1 runs them")
 @pytest.mark.parametrize("name", CASE_NAMES)
