@@ -29,3 +29,15 @@ def data_url(content: Image.Image | bytes, mime: str = "image/png") -> str:
         content.save(buffer, format="PNG")
         content = buffer.getvalue()
     return f"data:{mime};base64,{base64.b64encode(content).decode()}"
+
+
+def turned_photo(orientation: int, fmt: str = "JPEG", mode: str = "RGB") -> bytes:
+    """A 96x64 pattern image saved with an EXIF orientation tag: viewers (and
+    vLLM's media loader) turn or flip it by the tag; the original's
+    `Image.open` keeps the pixels as stored."""
+    image = pattern_image(orientation, (96, 64), mode)
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # ExifTags.Base.Orientation
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, exif=exif)
+    return buffer.getvalue()

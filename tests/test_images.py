@@ -23,7 +23,7 @@ from PIL import Image
 
 from qwen_vl.api import images
 from qwen_vl.api.images import ImageError, ImageLimits, is_public_address, load_image, load_images
-from tests.images import data_url
+from tests.images import data_url, turned_photo
 
 LOCAL = ImageLimits(allow_private_networks=True)
 
@@ -82,6 +82,14 @@ def test_cmyk_jpeg_is_converted_to_rgb():
     image = load(data_url(encode(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG"), "image/jpeg"))
     assert image.mode == "RGB"
     assert image.getpixel((8, 8))[0] > 200
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_is_not_applied_as_the_original_does(orientation):
+    data = turned_photo(orientation)
+    image = load(data_url(data, "image/jpeg"))
+    assert image.size == (96, 64)
+    assert image.tobytes() == Image.open(io.BytesIO(data)).convert("RGB").tobytes()
 
 
 @pytest.mark.parametrize("fmt", ["GIF", "PNG", "WEBP"])

@@ -1,12 +1,23 @@
 """Prompt expansion and image preprocessing, as the original does them."""
 
+import io
+
 import pytest
 import torch
+from PIL import Image
 from vllm import SamplingParams
+from vllm.multimodal.image import convert_image_mode
+from vllm.multimodal.media import ImageMediaIO
 
-from qwen_vl.model_executor.processor import ImageCountMismatch, empty_image_spans, image_spans, preprocess_image
+from qwen_vl.model_executor.processor import (
+    ImageCountMismatch,
+    QwenVLDataParser,
+    empty_image_spans,
+    image_spans,
+    preprocess_image,
+)
 from qwen_vl.model_executor.tokenizer import IMG_END_ID, IMG_PAD_ID, IMG_START_ID
-from tests.images import pattern_image
+from tests.images import pattern_image, turned_photo
 from tests.reference import preprocess as reference_preprocess
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
@@ -29,6 +40,47 @@ def test_alpha_is_dropped_not_composited():
     image.putalpha(0)
     expected = preprocess_image(image.convert("RGB"), 448)
     assert torch.equal(preprocess_image(image, 448), expected)
+
+
+def parsed_through_vllms_loader(data: bytes, **media_io_kwargs) -> torch.Tensor:
+    """The bytes as `vllm serve` hands an image URL's to the plugin: vLLM's media loader
+    (the plugin's default: keep the mode), then the plugin's data parser and preprocessing."""
+    loaded = ImageMediaIO(**{"image_mode": None, **media_io_kwargs}).load_bytes(data)
+    items = QwenVLDataParser().parse_mm_data({"image": loaded})["image"]
+    return preprocess_image(items.get(0), 448)
+
+
+# (TIFF is not among them: PIL applies a TIFF's orientation tag itself when it opens one, for
+# the original as for vLLM's loader.)
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_images_from_vllms_loader_reach_the_model_as_stored(orientation, fmt):
+    """vLLM's loader turns a photo by its EXIF orientation; the original does not. The plugin
+    gives the model the stored pixels, for every orientation (1 leaves the image alone)."""
+    data = turned_photo(orientation, fmt)
+    stored = Image.open(io.BytesIO(data))
+    if orientation != 1:  # what the plugin undoes: vLLM's loader does turn it
+        assert ImageMediaIO(image_mode=None).load_bytes(data).media.tobytes() != stored.tobytes()
+    assert torch.equal(parsed_through_vllms_loader(data), reference_preprocess(stored))
+
+
+def test_an_orientation_in_xmp_metadata_is_undone_too():
+    """PIL (and so vLLM's loader) also reads the orientation from XMP when EXIF has none."""
+    buffer = io.BytesIO()
+    pattern_image(9, (96, 64)).save(buffer, "JPEG", xmp=b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>')
+    data = buffer.getvalue()
+    stored = Image.open(io.BytesIO(data))
+    assert ImageMediaIO(image_mode=None).load_bytes(data).media.size == (64, 96)  # turned by the loader
+    assert torch.equal(parsed_through_vllms_loader(data), reference_preprocess(stored))
+
+
+def test_a_user_set_image_mode_still_applies_to_the_stored_pixels():
+    """`--media-io-kwargs '{"image": {"image_mode": "RGB"}}'` is the user's choice: vLLM's
+    compositing onto white, then no turning."""
+    data = turned_photo(6, "PNG", mode="RGBA")
+    expected = preprocess_image(convert_image_mode(Image.open(io.BytesIO(data)), "RGB"), 448)
+    assert torch.equal(parsed_through_vllms_loader(data, image_mode="RGB"), expected)
+    assert not torch.equal(expected, reference_preprocess(Image.open(io.BytesIO(data))))  # compositing differs
 
 
 def test_each_image_takes_258_positions(engine, ref_tokenizer):

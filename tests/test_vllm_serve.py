@@ -1,8 +1,6 @@
 """vLLM's own OpenAI server (`vllm serve`) with our plugin: its registered chat template gives
 the original prompt, so the same messages reach the same token ids as through our server."""
 
-import base64
-import io
 import sys
 
 import httpx
@@ -10,7 +8,7 @@ import pytest
 
 from qwen_vl.model_executor.tokenizer import IM_END_ID, IM_START_ID
 from tests.conftest import API_KEY, SERVED_MODEL, free_port, launch, stop_server
-from tests.images import pattern_image
+from tests.images import data_url, pattern_image, turned_photo
 from tests.test_long_context import words
 
 
@@ -32,14 +30,8 @@ def vllm_server(tiny_checkpoint, tmp_path_factory):
     stop_server(process)
 
 
-def _data_url(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 def _image(seed, mode="RGB"):
-    return {"type": "image_url", "image_url": {"url": _data_url(pattern_image(seed, (320, 240), mode))}}
+    return {"type": "image_url", "image_url": {"url": data_url(pattern_image(seed, (320, 240), mode))}}
 
 
 def _answers(servers: dict, body: dict) -> dict:
@@ -58,6 +50,10 @@ CASES = {
     # The RGBA image's alpha is dropped by both, as the original's convert("RGB").
     "two images, one RGBA": [{"role": "user", "content": [
         _image(2), _image(4, "RGBA"), {"type": "text", "text": "What differs?"}]}],
+    # vLLM's loader would turn the photo by its EXIF tag; both give the model the stored pixels.
+    "a photo with an EXIF orientation": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(turned_photo(6), "image/jpeg")}},
+        {"type": "text", "text": "What is this?"}]}],
     "box query": [{"role": "user", "content": [
         _image(5), {"type": "text", "text": "Where is <ref>the wave</ref>? Answer with a box."}]}],
     "multi-turn": [
@@ -107,7 +103,7 @@ def test_vllm_serve_renders_the_original_prompt_with_our_chat_template(vllm_serv
     both servers count the same prompt tokens and, greedy in float32, answer the same."""
 
     def image(seed):
-        return {"type": "image_url", "image_url": {"url": _data_url(pattern_image(seed, (320, 240)))}}
+        return {"type": "image_url", "image_url": {"url": data_url(pattern_image(seed, (320, 240)))}}
 
     messages = [
         {"role": "user", "content": [image(1), image(2), {"type": "text", "text": "Compare <ref>the waves</ref>."}]},

@@ -1,7 +1,8 @@
 """Turns a Qwen-VL prompt and its images into what the model consumes.
 
-Images: `convert("RGB")` (alpha dropped, as the original does), PIL bicubic
-resize to 448x448 (aspect ratio not kept, no crop), CLIP mean/std.
+Images: as stored (no EXIF turning), `convert("RGB")` (alpha dropped), PIL bicubic
+resize to 448x448 (aspect ratio not kept, no crop), CLIP mean/std: as the
+original does.
 
 Prompt: every `<img>...</img>` span, empty or holding a path or URL as users
 of the original write it, becomes `<img>` + 256 `<imgpad>` + `</img>`: the
@@ -9,13 +10,16 @@ original's 258 positions per image, the visual embeddings on the 256 pads.
 """
 
 from collections.abc import Mapping, Sequence
+from io import BytesIO
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 from transformers import BatchFeature
 from vllm.config.multimodal import MultiModalDummyOptions
+from vllm.multimodal.image import convert_image_mode, open_image
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.media import MediaWithBytes
 from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems, MultiModalDataParser
 from vllm.multimodal.processing import (
     BaseDummyInputsBuilder,
@@ -76,15 +80,47 @@ def empty_image_spans(token_ids: list[int]) -> list[int]:
     return out + token_ids[prev:]
 
 
+# The EXIF orientations that PIL's `ImageOps.exif_transpose` turns or flips an image for.
+TURNING_ORIENTATIONS = range(2, 9)
+# Where PIL's `Image.getexif` finds an orientation, in a decoded image's `info` (a TIFF's own
+# tags aside: PIL applies a TIFF's orientation when it decodes one, for the original too).
+ORIENTATION_SOURCES = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
+
+
+def as_stored(item: MediaWithBytes) -> MediaWithBytes:
+    """An image from vLLM's media loader (`vllm serve`'s image URLs) with its
+    pixels as stored in the file. The loader turns a photo upright by its EXIF
+    orientation tag; the original's `Image.open(...)` does not. Where the tag
+    would have turned it, the bytes are decoded again (through vLLM's format
+    allowlist, as the loader did) and any mode conversion the loader made
+    (`io_config`: only with a user-set `image_mode`) is made again."""
+    if item.io_config is None and not any(key in item.media.info for key in ORIENTATION_SOURCES):
+        # No metadata that holds an orientation (the loader's image keeps what it read, unless
+        # it converted the mode): nothing was turned, and nothing is decoded again.
+        return item
+    image = open_image(BytesIO(item.original_bytes))
+    if image.getexif().get(ExifTags.Base.Orientation) not in TURNING_ORIENTATIONS:
+        return item
+    image.load()
+    if item.io_config is not None:
+        image = convert_image_mode(image, item.io_config["image_mode"], item.io_config["rgba_background_color"])
+    return MediaWithBytes(image, item.original_bytes, item.io_config)
+
+
 class QwenVLDataParser(MultiModalDataParser):
-    """vLLM's parser composites transparent images onto white and applies EXIF
-    rotation; the original does neither (`Image.open(...).convert("RGB")`)."""
+    """vLLM composites transparent images onto white and turns photos by
+    their EXIF orientation; the original does neither
+    (`Image.open(...).convert("RGB")`). PIL images (the offline engine) are
+    converted here before vLLM's parser sees them; images from the media loader
+    (`vllm serve`) keep their mode (`serving.keep_image_mode`) and are turned
+    back to their stored pixels (`as_stored`)."""
 
     def _parse_image_data(self, data):
-        if isinstance(data, Image.Image):
-            return ImageProcessorItems([to_rgb(data)])
-        if isinstance(data, (list, tuple)) and data and all(isinstance(d, Image.Image) for d in data):
-            return ImageProcessorItems([to_rgb(d) for d in data])
+        items = list(data) if isinstance(data, (list, tuple)) else [data]
+        if items and all(isinstance(d, Image.Image) for d in items):
+            return ImageProcessorItems([to_rgb(d) for d in items])
+        if items and all(isinstance(d, MediaWithBytes) and isinstance(d.media, Image.Image) for d in items):
+            return ImageProcessorItems([as_stored(d) for d in items])
         return super()._parse_image_data(data)
 
 

@@ -16,9 +16,10 @@ left alone). With a chatml checkpoint every request (chat or raw completion,
 Images. vLLM's media loader composites images with alpha onto white; the
 original's `convert("RGB")` drops the alpha channel. The loader is told to
 keep each image's mode (`media_io_kwargs` image_mode None, unless the user set
-one), and the plugin's processor converts as the original does. vLLM's loader
-still applies EXIF orientation, which the original does not (our server does
-not either).
+one), and the plugin's processor converts as the original does. The loader
+also turns photos upright by their EXIF orientation, which the original does
+not; the plugin's data parser decodes those from their bytes again, as stored
+(`processor.as_stored`).
 
 Parallel sizes. A size tensor parallelism cannot split is refused with its
 name (config.check_tensor_parallel), not deep inside model construction.
