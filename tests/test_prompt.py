@@ -6,12 +6,18 @@ import pytest
 
 from qwen_vl.api.prompt import IMAGE_SPAN, PromptBuilder, PromptError
 from qwen_vl.api.protocol import Message
+from qwen_vl.model_executor.renderer import within_window
 from qwen_vl.model_executor.tokenizer import IMG_END_ID, IMG_START_ID, build_backend, qwen_tiktoken_path
 
 
 @pytest.fixture(scope="module")
-def builder():
-    return PromptBuilder(build_backend(qwen_tiktoken_path()))
+def backend():
+    return build_backend(qwen_tiktoken_path())
+
+
+@pytest.fixture(scope="module")
+def builder(backend):
+    return PromptBuilder(backend)
 
 
 def with_pad_spans(ids: list[int]) -> list[int]:
@@ -89,8 +95,8 @@ def test_typed_image_tags_are_text_not_images(builder):
     assert prompt.image_urls == []
 
 
-def test_oldest_history_is_dropped_at_the_window(builder, ref_tokenizer):
-    small = PromptBuilder(build_backend(qwen_tiktoken_path()), max_window_size=40)
+def test_oldest_history_is_dropped_at_the_window(backend, ref_tokenizer):
+    small = PromptBuilder(backend, max_window_size=40)
     history = [("first question " * 5, "first answer"), ("second", "answer two")]
     items = []
     for q, a in history:
@@ -100,6 +106,54 @@ def test_oldest_history_is_dropped_at_the_window(builder, ref_tokenizer):
     assert len(prompt.token_ids) < len(ref_tokenizer.make_context("now", history=history))
     kept = ref_tokenizer.decode(prompt.token_ids)
     assert "answer two" in kept and "first answer" not in kept
+
+
+def counter(backend):
+    """Ids of text as vLLM tokenizes a rendered chat template (special-token strings are tokens)."""
+    return lambda rendered: len(backend.encode(rendered, add_special_tokens=False).ids)
+
+
+def test_vllm_serves_renderer_keeps_the_turns_the_original_keeps(backend, ref_tokenizer):
+    """`vllm serve` drops history from the messages (qwen_vl.model_executor.renderer) where our
+    server drops it from token ids: both keep what the original's make_context keeps, at every
+    window size from none kept to all (each boundary, where a turn just fits or just does not)."""
+    history = [("first question " * 5, "first answer"), ("second", "answer two"), ("third one", "three")]
+    items = []
+    for q, a in history:
+        items += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    items.append({"role": "user", "content": "now"})
+    count, everything = counter(backend), PromptBuilder(backend, max_window_size=10**9)
+    sizes = set()
+    for window in range(1, 80):
+        expected = ref_tokenizer.make_context("now", history=history, max_window_size=window)
+        assert everything.chat(messages(*within_window(items, count, window))).token_ids == expected, window
+        sizes.add(len(expected))
+    assert len(sizes) == 4  # 0, 1, 2 and 3 turns of history kept
+
+
+@pytest.mark.parametrize("window, turns_kept", [(300, 1), (600, 2), (6144, 3)])
+def test_the_window_counts_images_and_system_messages_as_our_server_does(window, turns_kept, backend):
+    """Turns with images (258 positions each, 'Picture n:' lines) and two system messages: the
+    renderer keeps the same turns as our server's prompt builder."""
+    def image(n):
+        return {"type": "image_url", "image_url": {"url": f"http://example.com/{n}.png"}}
+
+    items = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "system", "content": [text("Answer in English.")]},
+        {"role": "user", "content": [image(1), image(2), text("Compare them.")]},
+        {"role": "assistant", "content": "The first is darker."},
+        {"role": "user", "content": [image(3), text("And this one?")]},
+        {"role": "assistant", "content": [text("It is "), text("brighter.")]},
+        {"role": "user", "content": "Which is best?"},
+        {"role": "assistant", "content": "The third."},
+        {"role": "user", "content": [image(4), text("Now this.")]},
+    ]
+    kept = within_window(items, counter(backend), window)
+    ours = PromptBuilder(backend, max_window_size=window).chat(messages(*items))
+    everything = PromptBuilder(backend, max_window_size=10**9)
+    assert everything.chat(messages(*kept)).token_ids == ours.token_ids
+    assert sum(m["role"] == "user" for m in kept) == turns_kept + 1
 
 
 @pytest.mark.parametrize(

@@ -67,6 +67,15 @@ CASES = {
         {"role": "assistant", "content": words(600, 61)},
         {"role": "user", "content": [_image(9), {"type": "text", "text": words(500, 62)}]},
     ],
+    # ~7350 positions in all, but the oldest turn would take the history past max_window_size
+    # (6144): the original drops it (and its image), leaving ~3670.
+    "past the history window": [
+        {"role": "user", "content": [_image(10), {"type": "text", "text": words(2600, 70)}]},
+        {"role": "assistant", "content": words(800, 71)},
+        {"role": "user", "content": [_image(11), {"type": "text", "text": words(2200, 72)}]},
+        {"role": "assistant", "content": words(600, 73)},
+        {"role": "user", "content": [_image(12), {"type": "text", "text": words(300, 74)}]},
+    ],
 }
 
 
