@@ -9,7 +9,8 @@ from pathlib import Path
 ARCHITECTURE = "QWenLMHeadModel"
 MODEL_TYPE = "qwen"
 # The original chat() prompt as a Jinja template, for vLLM's own OpenAI server
-# (`vllm serve`); our server builds the same ids in qwen_vl.api.prompt.
+# (`vllm serve`). Both servers build the ids of the original's conversations with
+# chat_prompt.py (renderer.py for `vllm serve`); the template renders the rest.
 CHAT_TEMPLATE = Path(__file__).with_name("chat_template.jinja")
 
 

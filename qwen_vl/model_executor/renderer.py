@@ -1,16 +1,23 @@
 """What the plugin adds where vLLM turns requests into engine input: the
-original chat()'s history window for `vllm serve`, and the dynamic-NTK cache
-salt for every way in.
+original chat()'s prompt for `vllm serve`, and the dynamic-NTK cache salt for
+every way in.
 
-History window. The original (`make_context`) adds earlier turns newest first
-and stops at the first that would make the context reach `max_window_size`
-(generation_config.json: 6144 for Qwen-VL-Chat), counting the system message
-and the kept turns, not the new query. Our server does it on token ids
-(qwen_vl.api.prompt); for `vllm serve` the renderer drops the same turns from
-the messages before vLLM parses them (so their images are never fetched),
-counting each turn as the plugin's chat template renders it, 258 positions an
-image. Only with the plugin's template (a request or server that names its own
-template gets its own rules) and a chatml checkpoint.
+The original's prompt. vLLM renders a chat template to text and tokenizes the
+whole of it, reading every special-token string in it as a token. The original
+encodes role names and contents apart and reads no special token in what users
+typed but the grounding tags: under the template, a user's `<|im_end|>` would end
+their turn, and a content that starts with a newline would merge with the one
+after the role. It also drops the oldest turns where they would take the context
+to `max_window_size` (generation_config.json: 6144 for Qwen-VL-Chat). So for a
+conversation of the original's shape (system messages first, then turns, ending
+with a user message; images in user messages only) the renderer builds the
+token ids with the same code as our server (chat_prompt.ChatPromptBuilder),
+lets vLLM parse only the messages the window keeps (so the dropped turns'
+images are never fetched), and hands vLLM those ids in place of the template's
+text. Anything else (another shape, a chat template named by the server or the
+request, `continue_final_message`, no generation prompt, a part type the
+original has no form for, a checkpoint that is not a chatml Qwen) goes through
+vLLM's template path unchanged.
 
 Prefix caching under dynamic NTK.
 
@@ -28,75 +35,61 @@ The salt is set where vLLM turns every prompt into engine input (the offline
 are expanded and the prompt truncated, so it sees the length the model will.
 """
 
+import asyncio
 from functools import cached_property
 
 from vllm.renderers.hf import HfRenderer
 
-from .tokenizer import IMAGE_TOKENS_PER_IMAGE
+from .chat_prompt import ChatMessage, ChatPromptBuilder, PromptError
 
 MODEL_TYPE = "qwen"
-DEFAULT_SYSTEM = "You are a helpful assistant."
+ROLES = ("system", "user", "assistant")
 TEXT_PARTS = ("text", "input_text", "output_text")
 IMAGE_PARTS = ("image_url", "input_image", "image_pil", "image_embeds")
 
 
-def _text_and_images(content) -> tuple[str, int]:
-    """A message's content as the chat template renders it: its text parts joined, and
-    its number of images."""
-    if content is None or isinstance(content, str):
-        return content or "", 0
-    texts, images = [], 0
-    for part in content:
-        if isinstance(part, str):
-            texts.append(part)
+def chat_messages(messages: list) -> list[ChatMessage] | None:
+    """vLLM's request messages (OpenAI's dicts) as the prompt sees them, each image
+    part kept as is; None if a message or part has no form in the original's prompt."""
+    out = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            return None
+        content = message.get("content")
+        if content is None or isinstance(content, str):
+            out.append(ChatMessage(message["role"], content or "", index))
             continue
-        if not isinstance(part, dict):
-            continue  # vLLM's parser refuses it
-        kind = part.get("type") or next((key for key in IMAGE_PARTS if key in part), None)
-        if kind in TEXT_PARTS:
-            texts.append(part.get("text") or "")
-        elif kind in IMAGE_PARTS:
-            images += 1
-    return "".join(texts), images
+        texts, images = [], []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+                continue
+            if not isinstance(part, dict):
+                return None
+            # vLLM also takes an image part without a type.
+            kind = part.get("type") or next((key for key in IMAGE_PARTS if key in part), None)
+            if kind in TEXT_PARTS and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif kind in IMAGE_PARTS:
+                images.append(part)
+            else:
+                return None
+        out.append(ChatMessage(message["role"], "".join(texts), index, images))
+    return out
 
 
-def within_window(messages: list, count, max_window_size: int) -> list:
-    """The messages the original chat() would keep: the leading system messages, the
-    newest earlier turns that fit `max_window_size` with them, the query. A turn starts
-    at a user message. `count(text)` gives the token ids of rendered text (image spans
-    as `<img></img>`, two ids). A conversation that does not end with a user message is
-    not the original's shape and is left as it is, as is anything vLLM's parser will refuse."""
-    if not all(isinstance(message, dict) for message in messages):
-        return messages
-    first = 0
-    while first < len(messages) and messages[first].get("role") == "system":
-        first += 1
-    dialogue = messages[first:]
-    if len(dialogue) < 2 or dialogue[-1].get("role") != "user":
-        return messages
-
-    def rendered(message) -> int:
-        # As the template writes any message after the leading system ones.
-        text, images = _text_and_images(message.get("content"))
-        text = "".join(f"Picture {n}: <img></img>\n" for n in range(1, images + 1)) + text
-        return count(f"\n<|im_start|>{message.get('role')}\n{text}<|im_end|>") + IMAGE_TOKENS_PER_IMAGE * images
-
-    system = "\n".join(_text_and_images(m.get("content"))[0] for m in messages[:first]) if first else DEFAULT_SYSTEM
-    system_size = count(f"<|im_start|>system\n{system}<|im_end|>")
-    turns: list[list] = []
-    for message in dialogue[:-1]:
-        if message.get("role") == "user" or not turns:
-            turns.append([])
-        turns[-1].append(message)
-    kept: list = []
-    context_size = 0
-    for turn in reversed(turns):
-        size = sum(rendered(m) for m in turn)
-        if system_size + size + context_size >= max_window_size:
-            break
-        kept = turn + kept
-        context_size += size
-    return messages[:first] + kept + dialogue[-1:]
+def original_prompt(builder: ChatPromptBuilder, messages: list) -> tuple[list, list[int]] | None:
+    """(the messages the original's window keeps, the original's token ids for them),
+    or None where the conversation has no form in the original's prompt."""
+    converted = chat_messages(messages)
+    if converted is None:
+        return None
+    try:
+        prompt = builder.build(converted)
+    except PromptError:
+        return None
+    first = next((i for i, m in enumerate(converted) if m.role != "system"), len(converted))
+    return list(messages[:first]) + list(messages[first + prompt.dropped:]), prompt.token_ids
 
 
 def ntk_cache_salt(user_salt: str | None, alpha: int) -> str | None:
@@ -108,8 +101,9 @@ def ntk_cache_salt(user_salt: str | None, alpha: int) -> str | None:
 
 
 class QwenVLRenderer(HfRenderer):
-    """vLLM's Hugging Face renderer, plus the dynamic-NTK cache salt when
-    the model is Qwen-VL; unchanged for every other model."""
+    """vLLM's Hugging Face renderer, plus the original's prompt and the
+    dynamic-NTK cache salt when the model is Qwen-VL; unchanged for every
+    other model."""
 
     def _salt(self, engine_input):
         config = self.model_config.hf_config
@@ -121,8 +115,9 @@ class QwenVLRenderer(HfRenderer):
         return engine_input
 
     @cached_property
-    def _max_window_size(self) -> int | None:
-        """generation_config.json's max_window_size for a chatml Qwen checkpoint, else None."""
+    def _builder(self) -> ChatPromptBuilder | None:
+        """The original's prompt builder for a chatml Qwen checkpoint (its
+        generation_config.json's max_window_size), else None."""
         from vllm.transformers_utils.config import try_get_generation_config
 
         config = self.model_config
@@ -132,20 +127,35 @@ class QwenVLRenderer(HfRenderer):
                                                revision=config.revision)
         if generation is None or getattr(generation, "chat_format", None) != "chatml":
             return None
-        return int(getattr(generation, "max_window_size", None) or 6144)
+        window = int(getattr(generation, "max_window_size", None) or 6144)
+        return ChatPromptBuilder(self.get_tokenizer().backend_tokenizer, window)
 
-    def _window(self, messages, params):
-        if params.chat_template is not None or self._max_window_size is None:
-            return messages
-        tokenizer = self.get_tokenizer()
-        return within_window(list(messages), lambda text: len(tokenizer.encode(text, add_special_tokens=False)),
-                             self._max_window_size)
+    def _original(self, messages, params) -> tuple[list, list[int]] | None:
+        template_kwargs = params.get_apply_chat_template_kwargs()
+        if (params.chat_template is not None or template_kwargs.get("continue_final_message")
+                or not template_kwargs.get("add_generation_prompt", True) or self._builder is None):
+            return None
+        return original_prompt(self._builder, messages)
+
+    @staticmethod
+    def _with_ids(prompt: dict, ids: list[int]) -> dict:
+        """vLLM's prompt for the kept messages (their images), the original's ids for its text."""
+        return {**{k: v for k, v in prompt.items() if k not in ("prompt", "prompt_token_ids")}, "prompt_token_ids": ids}
 
     def render_messages(self, messages, params):
-        return super().render_messages(self._window(messages, params), params)
+        original = self._original(messages, params)
+        if original is None:
+            return super().render_messages(messages, params)
+        conversation, prompt = super().render_messages(original[0], params)
+        return conversation, self._with_ids(prompt, original[1])
 
     async def render_messages_async(self, messages, params):
-        return await super().render_messages_async(self._window(messages, params), params)
+        # Tokenizing a long conversation takes real time: not on the server's event loop.
+        original = await asyncio.to_thread(self._original, messages, params)
+        if original is None:
+            return await super().render_messages_async(messages, params)
+        conversation, prompt = await super().render_messages_async(original[0], params)
+        return conversation, self._with_ids(prompt, original[1])
 
     def _process_singleton(self, prompt, **kwargs):
         return self._salt(super()._process_singleton(prompt, **kwargs))
