@@ -117,8 +117,8 @@ class ChatPromptBuilder:
         dialogue = messages[first:]
         if not dialogue or dialogue[-1].role != "user":
             raise PromptError("the last message must come from the user")
-        for message in messages:
-            if message.role == "system" and message.index >= first:
+        for position, message in enumerate(messages):
+            if message.role == "system" and position >= first:
                 raise PromptError(f"messages[{message.index}]: system messages must come first",
                                   f"messages[{message.index}].role")
             if message.images and message.role != "user":
