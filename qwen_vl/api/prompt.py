@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import tokenizers
 
 from qwen_vl.model_executor.chat_prompt import (
+    DEFAULT_MAX_WINDOW_SIZE,
     IMAGE_SPAN,
     ChatMessage,
     ChatPromptBuilder,
@@ -34,22 +35,22 @@ class Prompt:
     image_urls: list[str] = field(default_factory=list)  # in order of appearance
 
 
-def chat_message(message: Message, index: int) -> ChatMessage:
+def chat_message(message: Message) -> ChatMessage:
     if message.content is None or isinstance(message.content, str):
-        return ChatMessage(message.role, message.content or "", index)
+        return ChatMessage(message.role, message.content or "")
     images = [p.image_url.url for p in message.content if isinstance(p, ImagePart)]
     text = "".join(p.text for p in message.content if not isinstance(p, ImagePart))
-    return ChatMessage(message.role, text, index, images)
+    return ChatMessage(message.role, text, images)
 
 
 class PromptBuilder(ChatPromptBuilder):
-    def __init__(self, backend: tokenizers.Tokenizer, max_window_size: int = 6144):
+    def __init__(self, backend: tokenizers.Tokenizer, max_window_size: int = DEFAULT_MAX_WINDOW_SIZE):
         super().__init__(backend, max_window_size)
         # Raw prompts read every special-token string as the token it names.
         self._raw = tokenizers.Tokenizer.from_str(backend.to_str())
 
     def chat(self, messages: list[Message]) -> Prompt:
-        prompt = self.build([chat_message(message, i) for i, message in enumerate(messages)])
+        prompt = self.build([chat_message(message) for message in messages])
         return Prompt(prompt.token_ids, prompt.images)
 
     def completion(self, text: str) -> Prompt:

@@ -73,8 +73,9 @@ class Engine:
         """generation_config.json's max_window_size (6144 for Qwen-VL-Chat)."""
         from vllm.transformers_utils.config import try_get_generation_config
 
-        config = try_get_generation_config(self.llm.model_config.model, trust_remote_code=False)
-        return int(getattr(config, "max_window_size", None) or 6144)
+        from qwen_vl.model_executor.chat_prompt import max_window_size
+
+        return max_window_size(try_get_generation_config(self.llm.model_config.model, trust_remote_code=False))
 
     @property
     def priority_scheduling(self) -> bool:

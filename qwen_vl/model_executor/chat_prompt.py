@@ -34,6 +34,7 @@ from .tokenizer import (
 )
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
+DEFAULT_MAX_WINDOW_SIZE = 6144
 IMAGE_SPAN = [IMG_START_ID] + [IMG_PAD_ID] * IMAGE_TOKENS_PER_IMAGE + [IMG_END_ID]
 _GROUNDING_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in GROUNDING_TOKENS) + ")")
 
@@ -48,13 +49,11 @@ class PromptError(ValueError):
 
 @dataclass
 class ChatMessage:
-    """One message as the prompt sees it: its role, its text parts joined, its images
-    (whatever the caller uses to name them: URLs, content parts), and its position in
-    the request's messages (for errors)."""
+    """One message as the prompt sees it: its role, its text parts joined, and its images
+    (whatever the caller uses to name them: URLs, content parts)."""
 
     role: str
     text: str
-    index: int
     images: list[Any] = field(default_factory=list)
 
 
@@ -63,6 +62,11 @@ class ChatPrompt:
     token_ids: list[int]
     images: list[Any]  # of the kept messages, in order of appearance
     dropped: int  # earlier messages left out by the window, after the leading system ones
+
+
+def max_window_size(generation_config) -> int:
+    """generation_config.json's max_window_size: 6144 for Qwen-VL-Chat, and where it names none."""
+    return int(getattr(generation_config, "max_window_size", None) or DEFAULT_MAX_WINDOW_SIZE)
 
 
 def check_unicode(text: str, param: str) -> None:
@@ -76,7 +80,7 @@ def check_unicode(text: str, param: str) -> None:
 
 
 class ChatPromptBuilder:
-    def __init__(self, backend: tokenizers.Tokenizer, max_window_size: int = 6144):
+    def __init__(self, backend: tokenizers.Tokenizer, max_window_size: int = DEFAULT_MAX_WINDOW_SIZE):
         # A private copy of the Rust tokenizer (its special-token switch is per instance
         # and vLLM's detokenizer uses the shared one) that reads every special-token
         # string as text.
@@ -111,19 +115,18 @@ class ChatPromptBuilder:
         return ids + self.encode_text(pending + message.text)
 
     def build(self, messages: list[ChatMessage]) -> ChatPrompt:
+        """`messages` in the request's order: errors name them by their position."""
         first = 0
         while first < len(messages) and messages[first].role == "system":
             first += 1
         dialogue = messages[first:]
         if not dialogue or dialogue[-1].role != "user":
             raise PromptError("the last message must come from the user")
-        for position, message in enumerate(messages):
-            if message.role == "system" and position >= first:
-                raise PromptError(f"messages[{message.index}]: system messages must come first",
-                                  f"messages[{message.index}].role")
+        for i, message in enumerate(messages):
+            if message.role == "system" and i >= first:
+                raise PromptError(f"messages[{i}]: system messages must come first", f"messages[{i}].role")
             if message.images and message.role != "user":
-                raise PromptError(f"messages[{message.index}]: only user messages may hold images",
-                                  f"messages[{message.index}].content")
+                raise PromptError(f"messages[{i}]: only user messages may hold images", f"messages[{i}].content")
         system = "\n".join(m.text for m in messages[:first]) if first else DEFAULT_SYSTEM
         system_ids = self._message("system", self.encode_text(system))
 

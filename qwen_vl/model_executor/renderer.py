@@ -40,7 +40,7 @@ from functools import cached_property
 
 from vllm.renderers.hf import HfRenderer
 
-from .chat_prompt import ChatMessage, ChatPromptBuilder, PromptError
+from .chat_prompt import ChatMessage, ChatPromptBuilder, PromptError, max_window_size
 
 MODEL_TYPE = "qwen"
 ROLES = ("system", "user", "assistant")
@@ -52,12 +52,12 @@ def chat_messages(messages: list) -> list[ChatMessage] | None:
     """vLLM's request messages (OpenAI's dicts) as the prompt sees them, each image
     part kept as is; None if a message or part has no form in the original's prompt."""
     out = []
-    for index, message in enumerate(messages):
+    for message in messages:
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             return None
         content = message.get("content")
         if content is None or isinstance(content, str):
-            out.append(ChatMessage(message["role"], content or "", index))
+            out.append(ChatMessage(message["role"], content or ""))
             continue
         texts, images = [], []
         for part in content:
@@ -74,7 +74,7 @@ def chat_messages(messages: list) -> list[ChatMessage] | None:
                 images.append(part)
             else:
                 return None
-        out.append(ChatMessage(message["role"], "".join(texts), index, images))
+        out.append(ChatMessage(message["role"], "".join(texts), images))
     return out
 
 
@@ -127,8 +127,7 @@ class QwenVLRenderer(HfRenderer):
                                                revision=config.revision)
         if generation is None or getattr(generation, "chat_format", None) != "chatml":
             return None
-        window = int(getattr(generation, "max_window_size", None) or 6144)
-        return ChatPromptBuilder(self.get_tokenizer().backend_tokenizer, window)
+        return ChatPromptBuilder(self.get_tokenizer().backend_tokenizer, max_window_size(generation))
 
     def _original(self, messages, params) -> tuple[list, list[int]] | None:
         template_kwargs = params.get_apply_chat_template_kwargs()
