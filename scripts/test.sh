@@ -10,4 +10,4 @@ if [ "$#" -gt 0 ]; then
     exec .venv/bin/python -m pytest -ra "$@"
 fi
 .venv/bin/python -m pytest -ra -m "not real_widths"
-QWEN_VL_REAL_WIDTHS_TESTS=1 exec .venv/bin/python -m pytest -ra -m real_widths tests/test_tensor_parallel.py
+QWEN_VL_REAL_WIDTHS_TESTS=1 exec .venv/bin/python -m pytest -ra -m real_widths tests/test_tensor_parallel.py tests/test_quantized.py

@@ -92,15 +92,16 @@ def launch(command: list[str], url: str, log_path) -> subprocess.Popen:
     raise RuntimeError(f"{command[2]} not healthy in time:\n{log_path.read_text()[-5000:]}")
 
 
-def start_server(checkpoint, log_path, *extra: str) -> tuple[subprocess.Popen, str]:
+def start_server(checkpoint, log_path, *extra: str, eager: bool = True) -> tuple[subprocess.Popen, str]:
     """`python -m qwen_vl.server` on a free loopback port, float32, with the
-    test API key; returns once /health answers 200."""
+    test API key, eager unless told (compiling adds ~40 s of start-up); returns
+    once /health answers 200."""
     for attempt in range(3):
         port = free_port()
         command = [
             sys.executable, "-m", "qwen_vl.server", "--model", str(checkpoint), "--port", str(port),
-            "--served-model-name", SERVED_MODEL, "--dtype", "float32", "--enforce-eager", "--seed", "0",
-            "--api-key", API_KEY, *extra,
+            "--served-model-name", SERVED_MODEL, "--dtype", "float32", *(["--enforce-eager"] if eager else []),
+            "--seed", "0", "--api-key", API_KEY, *extra,
         ]
         url = f"http://127.0.0.1:{port}"
         try:

@@ -362,6 +362,9 @@ class ReferenceQwenVL(nn.Module):
         with torch.device("meta"):
             model = cls(config, dynamic_ntk)
         state = read_checkpoint(path)
+        quantization = json.loads((path / "config.json").read_text()).get("quantization_config")
+        if quantization is not None:
+            state = dequantize_checkpoint(state, quantization)
         for name in state:  # one tensor at a time: memory peaks at the converted model, not both copies
             state[name] = state[name].to(device=device, dtype=dtype)
         model.load_state_dict(state, strict=True, assign=True)  # strict: none missing or unused
@@ -504,6 +507,46 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         if (path / single_name).exists():
             return load(path / single_name)
     raise FileNotFoundError(f"no safetensors or pytorch_model.bin checkpoint in {path}")
+
+
+def _nibbles(words: torch.Tensor) -> torch.Tensor:
+    """int32 words [..., n] -> their eight 4-bit fields [..., n, 8], lowest bits first."""
+    words = words.to(torch.int64) & 0xFFFFFFFF
+    return torch.stack([(words >> (4 * k)) & 0xF for k in range(8)], dim=-1)
+
+
+def dequantize_checkpoint(state: dict[str, torch.Tensor], quantization: dict) -> dict[str, torch.Tensor]:
+    """A 4-bit checkpoint's tensors with each quantized layer's float weight back in place, as the
+    original's quantized linear layers compute it:
+    - GPTQ (AutoGPTQ's QuantLinear, Qwen-VL-Chat-Int4): qweight [in/8, out] holds input 8r+k in
+      bits 4k of row r; qzeros [groups, out/8] holds output 8c+k in bits 4k of column c, stored as
+      zero - 1; w[o, i] = scales[g_idx[i], o] * (q - (stored_zero + 1)). AutoGPTQ 0.4 gave every
+      layer a bias; the layers Qwen builds without one carry zeros, which the original leaves unused.
+    - AWQ (AutoAWQ's gemm layout): qweight [in, out/8] and qzeros [groups, out/8] hold output
+      8c + order[k] in bits 4k, order = 0, 2, 4, 6, 1, 3, 5, 7; w = scales * (q - zero), group
+      i // group_size.
+    """
+    method, group = quantization["quant_method"], quantization["group_size"]
+    state = dict(state)
+    for name in [n for n in state if n.endswith(".qweight")]:
+        layer = name[: -len(".qweight")]
+        qweight, qzeros = state.pop(name), state.pop(f"{layer}.qzeros")
+        scales = state.pop(f"{layer}.scales").float()
+        if method == "gptq":
+            q = _nibbles(qweight.t()).reshape(qweight.shape[1], -1)  # [out, in]
+            zeros = _nibbles(qzeros).reshape(qzeros.shape[0], -1) + 1  # [groups, out]
+            groups = state.pop(f"{layer}.g_idx").long()
+            if f"{layer}.bias" in state and not torch.count_nonzero(state[f"{layer}.bias"]) and not layer.endswith("c_attn"):
+                del state[f"{layer}.bias"]
+        elif method == "awq":
+            order = torch.tensor([0, 4, 1, 5, 2, 6, 3, 7])  # output k of eight sits in nibble order[k]
+            q = _nibbles(qweight)[..., order].reshape(qweight.shape[0], -1).t()  # [out, in]
+            zeros = _nibbles(qzeros)[..., order].reshape(qzeros.shape[0], -1)
+            groups = torch.arange(q.shape[1]) // group
+        else:
+            raise ValueError(f"quant_method {method!r}: the reference reads gptq and awq")
+        state[f"{layer}.weight"] = scales[groups].t() * (q - zeros[groups].t()).float()
+    return state
 
 
 # ---------------------------------------------------------------------------------------------

@@ -101,11 +101,6 @@ def test_kv_cache_admits_one_request_of_the_whole_context(
     assert os.environ[cpu.KV_CACHE_ENV] == gib
 
 
-def test_eager_pipeline_parallelism_is_refused_at_start_saying_what_works(clean_environment):
-    with pytest.raises(ValueError, match="drop --enforce-eager"):
-        cpu.apply_cpu_defaults(engine_args("--pipeline-parallel-size", "2", "--enforce-eager"), None, preload=False)
-
-
 def test_help_documents_the_cpu_settings():
     text = build_parser().format_help()
     for line in ("--cpu-threads-bind", "QWEN_VL_CPU_THREADS_BIND", "--cpu-preload", "QWEN_VL_CPU_PRELOAD",

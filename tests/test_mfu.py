@@ -95,3 +95,17 @@ def test_single_stream_ceiling_is_bound_by_compute_or_memory(tiny_checkpoint):
 def test_read_bandwidth_is_a_measured_rate():
     rate = mfu.read_bandwidth(threads=1, mib=8, seconds=0.05)
     assert 1e8 < rate < 1e13
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_decode_step_bytes_of_a_4_bit_checkpoint_are_its_packed_weights_scales_and_zeros(method, tmp_path):
+    """A 4-bit checkpoint's step reads the packed projections, a 16-bit scale per group (AWQ: and
+    a 4-bit zero point; GPTQ's are the constant 8, which vLLM's kernels do not read) and the LM head."""
+    from qwen_vl.model_executor.checkpoint import write_checkpoint
+    from tests.reference import read_checkpoint
+
+    checkpoint = write_checkpoint(tmp_path, preset="tiny", quantization=method)
+    tensors = read_checkpoint(checkpoint)
+    suffixes = (".qweight", ".scales") + ((".qzeros",) if method == "awq" else ())
+    stored = sum(t.nbytes for name, t in tensors.items() if name.endswith(suffixes)) + tensors["lm_head.weight"].nbytes
+    assert mfu.decode_step_bytes(mfu.Shapes.from_checkpoint(checkpoint), 2, keys=0) == stored

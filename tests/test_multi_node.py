@@ -1,7 +1,9 @@
 """Multi-node over vLLM's multiprocessing backend: tensor parallelism across
 two "nodes" on this machine (loopback, one process tree each, one core each).
 Node 0 is our server; node 1 is our CLI's headless mode (no API, engine
-workers only, our plugin loaded). The answer is the reference's."""
+workers only, our plugin loaded). Both run as the README's recipe writes them,
+at the defaults (compiled, vLLM's batch sizes and encoder budget; float32 for
+the parity), and the answer is the reference's."""
 
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from tests.test_parity import assert_server_matches_reference
 def two_nodes(tiny_checkpoint, tmp_path_factory):
     logs = tmp_path_factory.mktemp("nodes")
     cluster = ["--tensor-parallel-size", "2", "--nnodes", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(free_port()), "--max-model-len", "2048"]
+               "--master-port", str(free_port())]
     with pytest.MonkeyPatch.context() as env:
         # Every connection between the nodes stays on loopback: node 0 publishes its message
         # queue at VLLM_HOST_IP (else at the address of its first network interface).
@@ -24,13 +26,13 @@ def two_nodes(tiny_checkpoint, tmp_path_factory):
         with open(logs / "node1.log", "wb") as out:
             node1 = subprocess.Popen(
                 [sys.executable, "-m", "qwen_vl.server", "--headless", "--model", str(tiny_checkpoint),
-                 "--dtype", "float32", "--enforce-eager", "--seed", "0", *cluster, "--node-rank", "1",
+                 "--dtype", "float32", "--seed", "0", *cluster, "--node-rank", "1",
                  "--cpu-threads-bind", "1"],
                 stdout=out, stderr=subprocess.STDOUT,
             )
         try:
             node0, url = start_server(tiny_checkpoint, logs / "node0.log", *cluster, "--node-rank", "0",
-                                      "--cpu-threads-bind", "0")
+                                      "--cpu-threads-bind", "0", eager=False)
         except BaseException:
             node1.kill()
             raise

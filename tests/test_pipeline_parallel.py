@@ -7,8 +7,26 @@ import gc
 import pytest
 from vllm import LLM
 
+from qwen_vl.engine.engine import engine_config
+from qwen_vl.server.settings import parse
 from tests.conftest import cpu_threads_bind
 from tests.test_parity import CASE_NAMES, assert_matches_reference, parity_cases  # noqa: F401 (fixture)
+
+EAGER_REFUSED = "needs its warm-up run, which --enforce-eager skips: drop --enforce-eager"
+
+
+def test_eager_pipeline_parallelism_is_refused_offline_before_any_worker_starts(tiny_checkpoint):
+    # Without the refusal the engine starts and its second stage's worker dies (vLLM 0.32's CPU
+    # worker allocates what that stage receives into only in the warm-up run eager mode skips).
+    with cpu_threads_bind("0|1"), pytest.raises(ValueError, match=EAGER_REFUSED):
+        LLM(model=str(tiny_checkpoint), dtype="float32", max_model_len=2048, seed=0, pipeline_parallel_size=2,
+            enforce_eager=True)
+
+
+def test_eager_pipeline_parallelism_is_refused_by_our_server_when_it_builds_the_engine(tiny_checkpoint):
+    _, engine_args, _ = parse(["--model", str(tiny_checkpoint), "--pipeline-parallel-size", "2", "--enforce-eager"])
+    with pytest.raises(ValueError, match=EAGER_REFUSED):
+        engine_config(engine_args, None)
 
 
 @pytest.fixture(scope="module")

@@ -191,6 +191,14 @@ def server_env(system: str, env: dict, args) -> dict:
     return env
 
 
+def resident_bytes(pid: int) -> int:
+    """Resident memory of a server: its process and all their children (engine core, workers)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+
+
 def run_server(system: str, model: Path, args, out_dir: Path, env: dict) -> list[dict]:
     runs = []
     server = None
@@ -200,7 +208,8 @@ def run_server(system: str, model: Path, args, out_dir: Path, env: dict) -> list
                         server_env(system, env, args))
         print(f"[{system}] starting: {shlex.join(server.command)}", file=sys.stderr)
         ready = server.start(args.start_timeout)
-        print(f"[{system}] ready in {ready:.1f} s", file=sys.stderr)
+        memory = resident_bytes(server.process.pid)
+        print(f"[{system}] ready in {ready:.1f} s, {memory / 1e9:.2f} GB resident", file=sys.stderr)
         for index, (concurrency, count) in enumerate(zip(args.concurrency, level_sizes(args, system))):
             requests = build_workload(args.workload, count, args.seed + index, args.max_tokens, args.sampling)
             # The serial baseline has nothing to warm beyond its first request.
@@ -210,7 +219,7 @@ def run_server(system: str, model: Path, args, out_dir: Path, env: dict) -> list
             result = asyncio.run(benchmark(server.url, SERVED_MODEL, requests, concurrency=concurrency,
                                            num_requests=count, warmup=warmup, seed=args.seed,
                                            timeout=args.request_timeout, progress=not args.no_progress))
-            result |= {"system": system, "concurrency": concurrency, "startup_s": ready}
+            result |= {"system": system, "concurrency": concurrency, "startup_s": ready, "ready_rss_bytes": memory}
             (out_dir / f"{system}-c{concurrency}.json").write_text(json.dumps(result, indent=2) + "\n")
             runs.append(result)
     except RuntimeError as e:

@@ -48,15 +48,22 @@ class Shapes:
     vit_mlp: int
     patch: int
     output_dim: int
+    # A 4-bit checkpoint's decoder projections (GPTQ, AWQ): bits per weight, inputs per scale,
+    # and whether each group also stores a 4-bit zero point (AWQ). None: 16-bit like the rest.
+    linear_bits: int | None = None
+    group_size: int = 0
+    zero_points: bool = False
 
     @classmethod
     def from_config(cls, config: dict) -> "Shapes":
         visual = config["visual"]
+        quantization = config.get("quantization_config") or {}
         return cls(
             hidden=config["hidden_size"], layers=config["num_hidden_layers"], ffn=config["intermediate_size"] // 2,
             vocab=config["vocab_size"], vit_width=visual["width"], vit_layers=visual["layers"],
             vit_mlp=int(visual["width"] * visual["mlp_ratio"]), patch=visual["patch_size"],
-            output_dim=visual["output_dim"],
+            output_dim=visual["output_dim"], linear_bits=quantization.get("bits"),
+            group_size=quantization.get("group_size", 0), zero_points=quantization.get("quant_method") == "awq",
         )
 
     @classmethod
@@ -105,11 +112,21 @@ def run_flops(s: Shapes, result: dict) -> int:
         result["input_lens"], result["output_lens"], result["input_images"], result["request_errors"]) if not error)
 
 
-def decode_step_bytes(s: Shapes, dtype_bytes: int, keys: int) -> int:
+def projection_bytes(s: Shapes, dtype_bytes: int) -> float:
+    """Bytes of every layer's projection weights as the kernels read them: 16-bit values, or
+    4-bit ones with a 16-bit scale (and for AWQ a 4-bit zero point) per group of inputs."""
+    weights = decoder_linear_flops(s) // 2
+    if s.linear_bits is None:
+        return dtype_bytes * weights
+    group = s.group_size if s.group_size > 0 else s.hidden
+    per_group = dtype_bytes + (s.linear_bits / 8 if s.zero_points else 0)
+    return weights * s.linear_bits / 8 + weights / group * per_group
+
+
+def decode_step_bytes(s: Shapes, dtype_bytes: int, keys: int) -> float:
     """The least one decoding step of one sequence reads from memory: every layer's projection
     weights, the LM head, and the keys and values of the `keys` positions it attends to."""
-    weights = decoder_linear_flops(s) // 2 + lm_head_flops(s) // 2
-    return dtype_bytes * (weights + s.layers * 2 * s.hidden * keys)
+    return projection_bytes(s, dtype_bytes) + dtype_bytes * (lm_head_flops(s) // 2 + s.layers * 2 * s.hidden * keys)
 
 
 def single_stream_ceiling(s: Shapes, prompt_tokens: int, output_tokens: int, images: int, peak_flops: float,

@@ -1,5 +1,6 @@
 """The engine's lifecycle: one vLLM AsyncLLM for the served model, started and
-stopped by the app's lifespan, with the few facts the API layer needs."""
+stopped by the app's lifespan, with the few facts the API layer needs; on the
+other nodes of a multi-node engine, their workers (run_headless)."""
 
 import logging
 from collections.abc import AsyncIterator
@@ -16,25 +17,73 @@ from .metrics import REQUESTS_UNFINISHED, EngineGauges
 logger = logging.getLogger("qwen_vl.engine")
 
 
-def engine_config(engine_args: AsyncEngineArgs, images_per_step: int | None):
+def engine_config(engine_args: AsyncEngineArgs, images_per_step: int | None, headless: bool = False):
     """vLLM's configuration for `engine_args`; with `images_per_step`, the vision encoder takes at
     most that many images in one engine step (vLLM's encoder compute budget, which it otherwise
     sets to --max-num-batched-tokens: 8 images at 2048). Chunked prefill stops a prompt just
-    before an image that does not fit and goes on in the next step."""
-    vllm_config = engine_args.create_engine_config()
+    before an image that does not fit and goes on in the next step.
+
+    Every node of a multi-node engine builds its configuration here (`headless`: a node of rank
+    > 0, run_headless), because all of them must arrive at the same one: each node's workers warm
+    up with dummy batches of max_num_batched_tokens tokens, max_num_seqs sequences and as many
+    images as the encoder budget holds, in collectives with the other nodes' workers. Sizes that
+    differ hang those collectives or crash them. vLLM picks the first two by "usage context"
+    when they are not given (on the CPU: 2048 and 128 with none, as here; 2048 and 128 per rank
+    for its API server and its headless runner; 4096 and 256 per rank offline), and applies no
+    --images-per-step of ours."""
+    vllm_config = engine_args.create_engine_config(headless=headless)
     if images_per_step is not None:
         vllm_config.scheduler_config.max_num_encoder_input_tokens = images_per_step * IMAGE_TOKENS_PER_IMAGE
     return vllm_config
 
 
+def run_headless(engine_args: AsyncEngineArgs, images_per_step: int | None) -> None:
+    """This node's engine workers only, until they exit (multi-node, a node of rank > 0: node 0
+    schedules and serves the API). What vLLM's own `serve --headless` runs for such a node
+    (vllm/entrypoints/cli/serve.py, run_headless), but on the configuration of engine_config:
+    vLLM's runner builds its own, with its API server's usage context and without our image
+    budget, which node 0 does not share."""
+    import signal
+
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+    vllm_config = engine_config(engine_args, images_per_step, headless=True)
+    if vllm_config.parallel_config.node_rank_within_dp == 0:
+        raise ValueError("--headless runs the engine workers of a node after the first: --nnodes N --node-rank R > 0")
+
+    def stop(signum, frame):
+        # Once: the executor's finalizer then stops the workers as the interpreter exits.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise SystemExit
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    executor = MultiprocExecutor(vllm_config, monitor_workers=False)
+    executor.start_worker_monitor(inline=True)
+
+
+def configuration_error(error: ValueError) -> str:
+    """The message of a refusal raised while vLLM builds its configuration: vLLM's config
+    classes are pydantic dataclasses, which wrap it in a ValidationError."""
+    for detail in getattr(error, "errors", lambda: [])():
+        cause = detail.get("ctx", {}).get("error")
+        if cause is not None:
+            return str(cause)
+    return str(error)
+
+
 class Engine:
+    """The configuration is built (and checked: a configuration that cannot run is refused
+    here, before any process starts) when the Engine is made; the engine starts in `start`."""
+
     def __init__(self, engine_args: AsyncEngineArgs, images_per_step: int | None = None):
         self.engine_args = engine_args
-        self.images_per_step = images_per_step
+        self.vllm_config = engine_config(engine_args, images_per_step)
         self.llm: AsyncLLM | None = None
 
     def start(self) -> None:
-        vllm_config = engine_config(self.engine_args, self.images_per_step)
+        vllm_config = self.vllm_config
         budget = vllm_config.scheduler_config.max_num_encoder_input_tokens
         logger.info("vision encoder: at most %d image(s) per engine step (%d encoder tokens)",
                     max(1, budget // IMAGE_TOKENS_PER_IMAGE), budget)

@@ -1,4 +1,5 @@
-"""Write a randomly initialised checkpoint in the exact layout of Qwen/Qwen-VL-Chat.
+"""Write a randomly initialised checkpoint in the exact layout of Qwen/Qwen-VL-Chat, or of its
+4-bit release Qwen/Qwen-VL-Chat-Int4 (GPTQ), or of an AutoAWQ conversion.
 
 The real weights cannot be downloaded here, so tests, demos and benchmarks run on checkpoints
 that differ from the real one only in sizes and values: same file names, JSON files, tensor
@@ -7,7 +8,14 @@ O(1) through the layers, and every norm gain and bias is randomised, so a mispla
 dropped bias changes the output instead of hiding behind ones and zeros.
 
     python -m qwen_vl.model_executor.checkpoint OUT_DIR --preset tiny [--seed N] [--bin] [--no-safetensors]
-        [--shards N] [--dtype bfloat16]
+        [--shards N] [--dtype bfloat16] [--quantization gptq|awq [--group-size 128] [--dequantized DIR]]
+
+With --quantization, the decoder's linear layers (QUANTIZED_LINEARS) are quantized to 4 bits by
+round to nearest (quantize.py) and stored as the method stores them; everything else (ViT,
+adapter, embeddings, norms, LM head, c_attn's bias) in float16, as the Int4 release. GPTQ layers
+also carry the all-zero float16 bias AutoGPTQ 0.4 wrote for every layer. --dequantized writes the
+same weights unquantized (float32, the 4-bit layers dequantized) in the original layout: what
+the reference runs to check a quantized checkpoint.
 """
 
 import argparse
@@ -23,6 +31,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from qwen_vl.model_executor import quantize
 from qwen_vl.model_executor.cache import cache_dir
 from qwen_vl.model_executor.config import QWenConfig
 from qwen_vl.model_executor.tokenizer import TIKTOKEN_FILE, VOCAB_SIZE, qwen_tiktoken_path
@@ -88,18 +97,44 @@ TOKENIZER_CONFIG = {
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
+# The decoder's linear layers, quantized in Qwen-VL-Chat-Int4 (AutoGPTQ's `inside_layer_modules`
+# for Qwen; the visual tower is one of its `outside_layer_modules`, left in float16).
+QUANTIZED_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")
+# config.json's `quantization_config` per method: Qwen's GPTQ recipe (BaseQuantizeConfig in
+# QwenLM/Qwen's run_gptq.py) and AutoAWQ's `to_transformers_dict`; group_size is the writer's.
+QUANTIZATION_CONFIGS = {
+    "gptq": {
+        "bits": 4, "damp_percent": 0.01, "desc_act": False, "model_file_base_name": "model",
+        "model_name_or_path": None, "quant_method": "gptq", "static_groups": False, "sym": True,
+        "true_sequential": True,
+    },
+    "awq": {"bits": 4, "modules_to_not_convert": None, "quant_method": "awq", "version": "gemm", "zero_point": True},
+}
+
 Init = Callable[[torch.Generator], torch.Tensor]
 
 
-def config_dict(preset: str = "tiny", dtype: str = "bfloat16") -> dict:
-    """config.json for a preset: every key of the real one, the preset's sizes."""
+def config_dict(preset: str = "tiny", dtype: str = "bfloat16", quantization: str | None = None,
+                group_size: int = 128) -> dict:
+    """config.json for a preset: every key of the real one, the preset's sizes (and, when
+    quantized, the method's `quantization_config`)."""
     defaults = QWenConfig()
     config = {name: getattr(defaults, name) for name in QWenConfig.__annotations__}
     overrides = PRESETS[preset]
     config.update({k: v for k, v in overrides.items() if k != "visual"})
     config["visual"] = {**config["visual"], **overrides.get("visual", {})}
     config.update(_CONFIG_METADATA, torch_dtype=dtype)
+    if quantization is not None:
+        config["quantization_config"] = {**QUANTIZATION_CONFIGS[quantization], "group_size": group_size}
     return dict(sorted(config.items()))
+
+
+def quantized_layer(name: str) -> str | None:
+    """`transformer.h.N.mlp.w1` for that layer's `.weight`, if the layer is one of QUANTIZED_LINEARS."""
+    layer, _, suffix = name.rpartition(".")
+    if suffix == "weight" and layer.startswith("transformer.h.") and layer.split(".", 3)[3] in QUANTIZED_LINEARS:
+        return layer
+    return None
 
 
 def sincos_table(dim: int, grid: int) -> torch.Tensor:
@@ -262,49 +297,105 @@ def write_checkpoint(
     safetensors: bool = True,
     bin_shards: bool = False,
     num_shards: int = 2,
-    dtype: str = "bfloat16",
+    dtype: str | None = None,
+    quantization: str | None = None,
+    group_size: int = 128,
+    dequantized_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Write config, tokenizer files and random weights to out_dir; return it.
 
     Weights go to `model-0000K-of-0000N.safetensors` (+ `model.safetensors.index.json`) and/or,
     with bin_shards, `pytorch_model-0000K-of-0000N.bin` (+ `pytorch_model.bin.index.json`).
-    Shards are generated one at a time, so memory holds one shard, not the model.
+    Shards are generated one at a time, so memory holds one shard, not the model. `dtype`
+    (default bfloat16, float16 when quantized) is that of every tensor left unquantized.
     """
     if not (safetensors or bin_shards):
         raise ValueError("nothing to write: enable safetensors or bin_shards")
-    config = config_dict(preset, dtype)
+    if quantization is not None and quantization not in quantize.METHODS:
+        raise ValueError(f"unknown quantization {quantization!r}: one of {', '.join(quantize.METHODS)}")
+    if dequantized_dir is not None and quantization is None:
+        raise ValueError("a dequantized copy needs a quantized checkpoint: set quantization")
+    dtype = dtype or ("float16" if quantization else "bfloat16")
+    config = config_dict(preset, dtype, quantization, group_size)
     _check_sizes(config)
+    specs = tensor_specs(config)
+    if quantization is not None:
+        for name, (shape, _) in specs.items():
+            if quantized_layer(name):
+                quantize.check_shape(name, *shape, group_size)
+    out = _write_files(out_dir, config)
+    dequantized = None
+    if dequantized_dir is not None:
+        plain = {k: v for k, v in config.items() if k != "quantization_config"}
+        dequantized = _write_files(dequantized_dir, {**plain, "torch_dtype": "float32"})
+
+    torch_dtype = DTYPES[dtype]
+    groups = _shards(specs, torch_dtype.itemsize, num_shards)
+    formats = [("model", "safetensors")] * safetensors + [("pytorch_model", "bin")] * bin_shards
+    shards = _ShardWriter(out, formats, len(groups))
+    plain_shards = _ShardWriter(dequantized, [("model", "safetensors")], len(groups)) if dequantized else None
+    for k, names in enumerate(groups, start=1):
+        tensors, plain_tensors = {}, {}
+        for name in names:
+            shape, init = specs[name]
+            value = init(_generator(seed, name))
+            assert tuple(value.shape) == shape, name
+            layer = quantized_layer(name) if quantization else None
+            if layer is None:
+                tensors[name] = value.to(torch_dtype).contiguous()
+                if plain_shards:
+                    plain_tensors[name] = tensors[name].float()
+                continue
+            quantized = quantize.quantize(value, quantization, group_size)
+            for suffix, packed in quantize.packed_tensors(quantized, quantization).items():
+                tensors[f"{layer}.{suffix}"] = packed
+            if quantization == "gptq" and f"{layer}.bias" not in specs:
+                # AutoGPTQ 0.4 built every quantized layer with a bias; Qwen's are zero but for c_attn.
+                tensors[f"{layer}.bias"] = torch.zeros(shape[0], dtype=torch.float16)
+            if plain_shards:
+                plain_tensors[name] = quantized.dequantize()
+        shards.write(k, tensors)
+        if plain_shards:
+            plain_shards.write(k, plain_tensors)
+    shards.close()
+    if plain_shards:
+        plain_shards.close()
+    return out
+
+
+def _write_files(out_dir: str | os.PathLike, config: dict) -> Path:
+    """The checkpoint's directory with its JSON files and tokenizer, weights to come."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", GENERATION_CONFIG)
     _write_json(out / "tokenizer_config.json", TOKENIZER_CONFIG)
     shutil.copyfile(qwen_tiktoken_path(), out / TIKTOKEN_FILE)
-
-    torch_dtype = DTYPES[dtype]
-    specs = tensor_specs(config)
-    groups = _shards(specs, torch_dtype.itemsize, num_shards)
-    formats = [("model", "safetensors")] * safetensors + [("pytorch_model", "bin")] * bin_shards
-    weight_maps: dict[str, dict[str, str]] = {ext: {} for _, ext in formats}
-    total_size = 0
-    for k, names in enumerate(groups, start=1):
-        tensors = {}
-        for name in names:
-            shape, init = specs[name]
-            tensors[name] = init(_generator(seed, name)).to(torch_dtype).contiguous()
-            assert tuple(tensors[name].shape) == shape, name
-            total_size += tensors[name].nbytes
-        for prefix, ext in formats:
-            filename = f"{prefix}-{k:05d}-of-{len(groups):05d}.{ext}"
-            if ext == "safetensors":
-                save_file(tensors, out / filename, metadata={"format": "pt"})
-            else:
-                torch.save(tensors, out / filename)
-            weight_maps[ext] |= dict.fromkeys(names, filename)
-    for prefix, ext in formats:
-        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_maps[ext].items()))}
-        _write_json(out / f"{prefix}.{ext}.index.json", index)
     return out
+
+
+class _ShardWriter:
+    """Writes numbered weight shards in each format, then each format's index."""
+
+    def __init__(self, out: Path, formats: list[tuple[str, str]], count: int):
+        self.out, self.formats, self.count = out, formats, count
+        self.weight_maps: dict[str, dict[str, str]] = {ext: {} for _, ext in formats}
+        self.total_size = 0
+
+    def write(self, k: int, tensors: dict[str, torch.Tensor]) -> None:
+        self.total_size += sum(t.nbytes for t in tensors.values())
+        for prefix, ext in self.formats:
+            filename = f"{prefix}-{k:05d}-of-{self.count:05d}.{ext}"
+            if ext == "safetensors":
+                save_file(tensors, self.out / filename, metadata={"format": "pt"})
+            else:
+                torch.save(tensors, self.out / filename)
+            self.weight_maps[ext] |= dict.fromkeys(tensors, filename)
+
+    def close(self) -> None:
+        for prefix, ext in self.formats:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_maps[ext].items()))}
+            _write_json(self.out / f"{prefix}.{ext}.index.json", index)
 
 
 def demo_checkpoint() -> Path:
@@ -340,7 +431,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bin", action="store_true", help="also write pytorch_model-*.bin shards")
     parser.add_argument("--no-safetensors", action="store_true", help="do not write safetensors shards")
     parser.add_argument("--shards", type=int, default=2, help="number of weight shards (default: 2)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="(default: bfloat16)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES),
+                        help="of the unquantized tensors (default: bfloat16; float16 with --quantization)")
+    parser.add_argument("--quantization", choices=quantize.METHODS,
+                        help="4-bit decoder layers in Qwen-VL-Chat-Int4's layout (gptq) or AutoAWQ's (awq)")
+    parser.add_argument("--group-size", type=int, default=128, help="inputs per 4-bit scale (default: 128)")
+    parser.add_argument("--dequantized", type=Path, metavar="DIR",
+                        help="also write the same weights unquantized (float32) to DIR, for the reference")
     args = parser.parse_args(argv)
     out = write_checkpoint(
         args.out_dir,
@@ -350,6 +447,9 @@ def main(argv: list[str] | None = None) -> None:
         bin_shards=args.bin,
         num_shards=args.shards,
         dtype=args.dtype,
+        quantization=args.quantization,
+        group_size=args.group_size,
+        dequantized_dir=args.dequantized,
     )
     print(out)
 

@@ -5,7 +5,9 @@ encoder stage that vLLM runs at prefill and caches per image.
 The module tree mirrors the checkpoint (`transformer.wte`, `transformer.h.N`,
 `transformer.ln_f`, `transformer.visual`, `lm_head`); `load_weights` owns the
 only renames: `mlp.w2` and `mlp.w1` are stacked into one column-parallel
-layer.
+layer. A 4-bit checkpoint (Qwen-VL-Chat-Int4's GPTQ, or AWQ) goes through the
+same layers with vLLM's quantization config; the visual tower stays unquantized
+(quantization.py).
 """
 
 from collections.abc import Iterable
@@ -48,6 +50,7 @@ from vllm.sequence import IntermediateTensors
 
 from .config import QWenConfig
 from .processor import QwenVLDummyInputsBuilder, QwenVLMultiModalProcessor, QwenVLProcessingInfo
+from .quantization import check_zero_points, checked_extra
 from .rotary import NTKRotaryEmbedding, alpha_codes_needed, encoded_positions, logn_scale_table
 from .visual import NUM_QUERIES, VisionTransformer
 
@@ -231,6 +234,10 @@ class QWenModel(nn.Module):
     QwenVLMultiModalProcessor, info=QwenVLProcessingInfo, dummy_inputs=QwenVLDummyInputsBuilder
 )
 class QWenLMHeadModel(nn.Module, SupportsMultiModal, SupportsMRoPE, SupportsPP):
+    # For quantized checkpoints: vLLM's quantization configs find a stacked layer's shards by
+    # these checkpoint names (the same pairs as STACKED_PARAMS, in shard order).
+    packed_modules_mapping = {"gate_up_proj": ["w2", "w1"]}
+
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
         # Only used when vLLM's server renders chat in the "string" content format: it
@@ -251,7 +258,13 @@ class QWenLMHeadModel(nn.Module, SupportsMultiModal, SupportsMRoPE, SupportsPP):
         self.make_empty_intermediate_tensors = self.transformer.make_empty_intermediate_tensors
         self.dtype = vllm_config.model_config.dtype
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.quant_config = vllm_config.quant_config
         self.positions_per_alpha = positions_per_alpha(vllm_config)
+        # Weights for inference only. torch's norms, convolution and attention (and vLLM's
+        # RMSNorm) make trainable parameters, and vLLM's CPU worker runs its warm-up outside
+        # inference mode: every layer's activations were then kept for a backward pass that
+        # never comes (the real model's warm-up with 8 images grew by 11 GB and was OOM-killed).
+        self.requires_grad_(False)
 
     def get_mrope_input_positions(
         self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
@@ -304,9 +317,12 @@ class QWenLMHeadModel(nn.Module, SupportsMultiModal, SupportsMRoPE, SupportsPP):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load every tensor of the real checkpoint by its own name; an unknown
-        or missing tensor fails here, naming the checkpoint's tensor."""
+        or missing tensor fails here, naming the checkpoint's tensor. A 4-bit
+        checkpoint's tensors that vLLM's layers do not take (`g_idx`, GPTQ's zero
+        biases) are checked against what the layers compute, then dropped."""
         params = dict(self.named_parameters())
         expected = {checkpoint_name(name, shard) for name in params for shard in stacked_shards(name)}
+        quant_config = self.quant_config
         seen: set[str] = set()
         for name, tensor in weights:
             target, shard = name, None
@@ -318,7 +334,12 @@ class QWenLMHeadModel(nn.Module, SupportsMultiModal, SupportsMRoPE, SupportsPP):
                 continue  # another pipeline stage's
             param = params.get(target)
             if param is None:
+                layer = target.rpartition(".")[0]
+                if quant_config is not None and checked_extra(name, tensor, quant_config, f"{layer}.bias" in params):
+                    continue
                 raise ValueError(f"unexpected tensor in the checkpoint: {name}")
+            if name.endswith(".qzeros") and getattr(quant_config, "is_sym", False):
+                check_zero_points(name, tensor)
             weight_loader = getattr(param, "weight_loader", default_weight_loader)
             if shard is None:
                 weight_loader(param, tensor)

@@ -21,8 +21,12 @@ also turns photos upright by their EXIF orientation, which the original does
 not; the plugin's data parser decodes those from their bytes again, as stored
 (`processor.as_stored`).
 
+Dtypes. A dtype the platform does not compute in is refused (check_dtype).
+
 Parallel sizes. A size tensor parallelism cannot split is refused with its
-name (config.check_tensor_parallel), not deep inside model construction.
+name (config.check_tensor_parallel), not deep inside model construction; so is
+pipeline parallelism in eager mode on the CPU (check_pipeline_parallel), which
+would otherwise kill the second stage's worker.
 
 All three are done from vLLM's per-architecture config hook (MODELS_CONFIG_MAP, the
 place vLLM's own models adjust their settings).
@@ -36,6 +40,7 @@ from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from .cache import cache_dir
 from .config import check_tensor_parallel
+from .quantization import check_quantization
 from .tokenizer import IM_END_ID, IM_START_ID
 
 GENERATION_CONFIG = "generation_config.json"
@@ -73,9 +78,41 @@ def keep_image_mode(model_config) -> None:
         model_config.multimodal_config.media_io_kwargs.setdefault("image", {}).setdefault("image_mode", None)
 
 
+def check_pipeline_parallel(vllm_config) -> None:
+    """vLLM 0.32's CPU worker allocates the buffers a later pipeline stage receives into only in
+    its warm-up run, which it skips in eager mode: the second stage's worker would die on the
+    first step. Refused here, since this hook runs on every way in (our server and its
+    --headless nodes, vllm serve, the offline LLM)."""
+    from vllm.platforms import current_platform
+
+    if (current_platform.is_cpu() and vllm_config.parallel_config.pipeline_parallel_size > 1
+            and vllm_config.model_config.enforce_eager):
+        raise ValueError(
+            "pipeline parallelism on vLLM's CPU platform needs its warm-up run, which --enforce-eager skips: "
+            "drop --enforce-eager (offline: enforce_eager=True), or trace once without compiling: "
+            "--compilation-config '{\"mode\": 2, \"backend\": \"eager\"}'"
+        )
+
+
+def check_dtype(model_config) -> None:
+    """vLLM checks a dtype it picks itself ("auto") against the platform's list, but runs one
+    the user names: on AMD CPUs without AVX512-FP16, zentorch's matmul then fails in the worker
+    on the first float16 product. Refused here instead."""
+    from vllm.platforms import current_platform
+
+    supported = current_platform.supported_dtypes
+    if current_platform.is_cpu() and model_config.dtype not in supported:
+        names = ", ".join(str(dtype).removeprefix("torch.") for dtype in supported)
+        raise ValueError(
+            f"dtype {str(model_config.dtype).removeprefix('torch.')} does not run on {type(current_platform).__name__} "
+            f"(this CPU's kernels): use --dtype auto or one of {names}"
+        )
+
+
 class QWenServingDefaults(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
+        check_dtype(model_config)
         chat_generation_config(model_config)
         keep_image_mode(model_config)
 
@@ -83,6 +120,8 @@ class QWenServingDefaults(VerifyAndUpdateConfig):
     def verify_and_update_config(vllm_config) -> None:
         # Once, in the process that builds the engine's config, before any worker starts.
         check_tensor_parallel(vllm_config.model_config.hf_config, vllm_config.parallel_config.tensor_parallel_size)
+        check_pipeline_parallel(vllm_config)
+        check_quantization(vllm_config)
 
 
 def register_serving_defaults(architecture: str) -> None:

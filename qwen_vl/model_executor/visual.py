@@ -166,8 +166,9 @@ class Adapter(nn.Module):
         self.pos_embed = nn.Parameter(torch.empty(NUM_QUERIES, output_dim), requires_grad=False)
         self.kv_proj = nn.Linear(kv_dim, output_dim, bias=False)
         # nn.MultiheadAttention reads a blocked [Q; K; V] `in_proj_weight`,
-        # which is exactly how the original's adapter stores it.
-        self.attn = nn.MultiheadAttention(output_dim, output_dim // 128, batch_first=True)
+        # which is exactly how the original's adapter stores it. Sequence-first, as the original
+        # calls it.
+        self.attn = nn.MultiheadAttention(output_dim, output_dim // 128)
         self.ln_q = nn.LayerNorm(output_dim, eps=LAYER_NORM_EPS)
         self.ln_kv = nn.LayerNorm(output_dim, eps=LAYER_NORM_EPS)
         self.fused = not current_platform.is_cpu()
@@ -177,8 +178,13 @@ class Adapter(nn.Module):
         batch, num_patches, _ = features.shape
         key_positions = self.key_positions(self.pos_embed, num_patches)
         x = self.ln_kv(self.kv_proj(features))
-        q = (self.ln_q(self.query) + self.pos_embed).expand(batch, -1, -1)
-        out, _ = self.attn(q, x + key_positions, x, need_weights=not self.fused, average_attn_weights=False)
+        # Sequence-first and contiguous: torch's CPU matmul fails to allocate for a transposed
+        # 3D input at the real widths (it asked for 32 GiB; what batch_first=True does to its
+        # inputs) and falls back to a batched product that took 90-120 s and 9 GB for 8 images.
+        x = x.transpose(0, 1).contiguous()  # [patches, batch, dim]
+        q = (self.ln_q(self.query) + self.pos_embed).unsqueeze(1).repeat(1, batch, 1)
+        out, _ = self.attn(q, x + key_positions.unsqueeze(1), x, need_weights=not self.fused, average_attn_weights=False)
+        return out.transpose(0, 1).contiguous()
         return out
 
 

@@ -3,7 +3,8 @@ server, uvicorn + FastAPI over vLLM's async engine in one process.
 
 Exit status: 0 after a clean shutdown (SIGTERM/SIGINT: stop accepting, let
 requests in flight finish within the grace period), 1 if the engine died,
-so that an orchestrator restarts the process."""
+so that an orchestrator restarts the process; 2 for settings that cannot run
+(a bad flag, or a configuration vLLM or the plugin refuses), said in one line."""
 
 import logging
 import os
@@ -19,12 +20,13 @@ def main(argv: list[str] | None = None) -> None:
 
     # Before the engine starts: its processes read these variables.
     apply_cpu_defaults(engine_args, args.cpu_threads_bind, args.cpu_preload)
-    if args.headless:
-        from vllm.entrypoints.cli.serve import run_headless
+    from qwen_vl.engine.engine import Engine, configuration_error, run_headless
 
-        # The frontend-only settings its runner reads; this node serves no API.
-        args.api_server_count, args.reasoning_parser_plugin = 1, None
-        run_headless(args)
+    if args.headless:
+        try:
+            run_headless(engine_args, args.images_per_step)
+        except ValueError as error:
+            refuse(configuration_error(error))
         return
     # force: zentorch's import (ZenCpuPlatform) configures the root logger first, at WARNING.
     logging.basicConfig(
@@ -39,8 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from qwen_vl.api.app import create_app
-    from qwen_vl.engine.engine import Engine
 
+    try:
+        engine = Engine(engine_args, args.images_per_step)
+    except ValueError as error:
+        refuse(configuration_error(error))
     engine_died = False
 
     def on_engine_dead() -> None:
@@ -48,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         engine_died = True
         server.should_exit = True
 
-    app = create_app(settings, Engine(engine_args, args.images_per_step), on_engine_dead)
+    app = create_app(settings, engine, on_engine_dead)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         timeout_graceful_shutdown=settings.shutdown_grace_period,
@@ -67,6 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1 if engine_died or not server.started else 0)
+
+
+def refuse(message: str) -> None:
+    print(f"qwen-vl-serve: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -122,14 +122,6 @@ def apply_cpu_defaults(engine_args, threads_bind_setting: str | None, preload: b
 
     if not current_platform.is_cpu():
         return
-    if engine_args.pipeline_parallel_size > 1 and engine_args.enforce_eager:
-        # vLLM 0.32's CPU worker allocates the buffers a later stage receives into only in its
-        # warm-up run, which it skips in eager mode: the first request would kill the engine.
-        raise ValueError(
-            "pipeline parallelism on vLLM's CPU platform needs its warm-up run, which --enforce-eager skips: "
-            "drop --enforce-eager, or trace once without compiling: "
-            "--compilation-config '{\"mode\": 2, \"backend\": \"eager\"}'"
-        )
     # Without a size, vLLM sizes its KV cache as a share of all RAM and refuses to start
     # when the page cache makes "available" look small.
     if KV_CACHE_ENV not in os.environ:

@@ -108,7 +108,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--headless", action="store_true",
         help="multi-node: run this node's engine workers only, no HTTP server (with --nnodes N, --node-rank R "
-        "> 0 and --master-addr of node 0, which serves the API); vLLM's headless runner",
+        "> 0 and --master-addr of node 0, which serves the API); every node needs the same engine flags",
     )
     cpu = parser.add_argument_group("CPU platform")
     cpu.add_argument(
