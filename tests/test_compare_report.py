@@ -1,6 +1,6 @@
 """The side-by-side report's machine figures (qwen_vl.benchmarks.compare): the MFU of each run and
 what issue 10's 1.3x over vLLM 0.23 would take on the machine that ran it. Synthetic runs: these
-check the arithmetic and the wiring, never a timing."""
+check the arithmetic and the wiring, never a timing. Each level also gets its share of the roofline."""
 
 import pytest
 
@@ -27,8 +27,17 @@ def test_utilisation_is_the_requests_flops_per_second_over_the_peak(limits):
     offline = {k: v for k, v in r.items() if k not in ("input_lens", "output_lens", "input_images", "request_errors")}
     assert compare.utilisation(limits, offline) is None
     rows = compare.report_rows([r, {**offline, "system": "offline"}], [16], limits)
-    assert rows[0].endswith("| MFU |")
-    assert rows[2].endswith(f"| {compare.utilisation(limits, r):.1%} |") and rows[3].endswith("| n/a |")
+    assert rows[0].endswith("| MFU | roofline share |")
+    assert rows[2].endswith(f"| {compare.utilisation(limits, r):.1%} | {compare.roofline_share(limits, r, 16):.0%} |")
+    assert rows[3].endswith("| n/a | n/a |")
+
+
+def test_the_roofline_share_is_the_runs_least_time_over_its_time(limits):
+    r = run("ours", 4, requests=8, duration=4.0)
+    least = mfu.run_roofline_seconds(limits.shapes, r, 4, 1e11, 2e10, 2)
+    assert compare.roofline_share(limits, r, 4) == pytest.approx(least / 4.0)
+    # More sequences per step share the weights' reads: the bound is lower, the share smaller.
+    assert compare.roofline_share(limits, r, 16) <= compare.roofline_share(limits, r, 4)
 
 
 def test_issue_10_lines_say_what_1_3x_would_take(limits):

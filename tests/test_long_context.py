@@ -216,3 +216,21 @@ def test_a_long_completion_prompt_through_the_server_equals_offline_greedy(clien
     answer = client.completions.create(model=SERVED_MODEL, prompt=prompt, temperature=0, max_tokens=16)
     assert answer.usage.prompt_tokens == len(expected.prompt_token_ids)
     assert answer.choices[0].text == expected.outputs[0].text
+
+
+def test_usage_reports_no_cached_tokens_across_alphas_and_the_prefix_within_one(client, ref_tokenizer):
+    # One long system message (its own words: no other test's prefix); the short chat is alpha 1,
+    # the two long ones alpha 3: the long ones reuse each other's prefix, never the short one's.
+    system = words(1500, 50)
+    chats = {"short": "Sum it up.", "long": words(1200, 51), "long too": words(1100, 52)}
+    assert [reference_ntk_alpha(len(ref_tokenizer.make_context(question, system=system)), 2048)
+            for question in chats.values()] == [1, 3, 3]
+    cached = {}
+    for name, question in chats.items():
+        answer = client.chat.completions.create(
+            model=SERVED_MODEL, max_tokens=1,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}])
+        cached[name] = answer.usage.prompt_tokens_details.cached_tokens
+    assert cached["short"] == 0
+    assert cached["long"] == 0  # the short chat's blocks were computed under alpha 1
+    assert cached["long too"] >= 1024  # the system message's full blocks, under alpha 3

@@ -92,6 +92,30 @@ def test_single_stream_ceiling_is_bound_by_compute_or_memory(tiny_checkpoint):
     assert both < min(compute_only, memory_only)
 
 
+def one_image_run(requests: int, prompt: int = 290, output: int = 64) -> dict:
+    return {"input_lens": [prompt] * requests, "output_lens": [output] * requests,
+            "input_images": [1] * requests, "request_errors": [""] * requests}
+
+
+def test_a_runs_roofline_is_its_flops_at_the_peak_or_its_steps_bytes_at_the_bandwidth(tiny_checkpoint):
+    shapes = mfu.Shapes.from_checkpoint(tiny_checkpoint)
+    run = one_image_run(8)
+    compute_only = mfu.run_roofline_seconds(shapes, run, 4, peak_flops=1e11, bandwidth=float("inf"))
+    assert compute_only == pytest.approx(mfu.run_flops(shapes, run) / 1e11)
+    # One at a time, memory-bound: every decoding step of every request reads its weights and cache.
+    alone = mfu.run_roofline_seconds(shapes, run, 1, peak_flops=float("inf"), bandwidth=1e10)
+    step_bytes = sum(mfu.decode_step_bytes(shapes, 2, 290 + step) for step in range(1, 64))
+    assert alone == pytest.approx(8 * step_bytes / 1e10)
+    # Four sequences per step share each read of the weights; their caches stay their own.
+    weights = mfu.decode_step_bytes(shapes, 2, keys=0)
+    four = mfu.run_roofline_seconds(shapes, run, 4, peak_flops=float("inf"), bandwidth=1e10)
+    assert four == pytest.approx((8 * step_bytes - 8 * 63 * weights * 3 / 4) / 1e10)
+    # Failed requests cost nothing.
+    failed = run | {"request_errors": ["http_400"] * 4 + [""] * 4}
+    assert mfu.run_roofline_seconds(shapes, failed, 1, 1e11, 1e10) == pytest.approx(
+        mfu.run_roofline_seconds(shapes, one_image_run(4), 1, 1e11, 1e10))
+
+
 def test_read_bandwidth_is_a_measured_rate():
     rate = mfu.read_bandwidth(threads=1, mib=8, seconds=0.05)
     assert 1e8 < rate < 1e13

@@ -215,6 +215,10 @@ def test_a_grounded_chat_in_the_browser_draws_the_boxes_on_the_picture(browser, 
     answer = find(turn, ".text").text
     assert GROUNDED_ANSWER.fullmatch(answer), answer
     assert_boxes_drawn_at(browser, turn, answer, 1, sizes[1])
+    # The first turn (its images included) came from the prefix cache, and the page says so.
+    usage = re.search(r"(\d+) prompt tokens \((\d+) cached\)", find(turn, ".status").text)
+    assert usage, find(turn, ".status").text
+    assert 0 < int(usage[2]) < int(usage[1])
     screenshot(browser, "playground.png")
     assert script_errors(browser) == []
 

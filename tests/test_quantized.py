@@ -2,8 +2,9 @@
 tool, served through vLLM's own quantization configs and kernels, against the reference running
 the same weights dequantized (float32).
 
-vLLM's 4-bit layers take 16-bit activations only, so the engines here run in bfloat16 (what
-`--dtype auto` picks for these float16 checkpoints on this CPU), and the bar is the one our 16-bit
+vLLM's 4-bit layers take 16-bit activations only, so the engines here run at what `--dtype auto`
+picks for these float16 checkpoints: float16 where the platform computes in it (vLLM's CpuPlatform
+on x86), bfloat16 where it does not (ZenCpuPlatform on AMD CPUs). The bar is the one our 16-bit
 path reaches on an unquantized checkpoint: every served token is the reference's greedy choice
 given the same prefix, or within its rounding of it, and every step's top log-probabilities are
 within that rounding (the tolerances below, with what was measured)."""
@@ -29,10 +30,11 @@ from tests.images import data_url, pattern_image
 from tests.reference import ReferenceQwenVL, read_checkpoint
 from tests.test_parity import CASE_NAMES, cases
 
-# Measured 2026-12-06, the five parity cases on the tiny checkpoint, a bfloat16 engine against the
-# float32 reference. Unquantized (bfloat16 weights): top-20 log-probabilities of every step within
-# 0.034, each served token at most 0.010 below the reference's best. GPTQ and AWQ (the reference
-# on the dequantized weights): 0.038 and 0.027 (vLLM's CPU kernel dequantizes in bfloat16).
+# Measured 2026-12-06 on an AMD EPYC (ZenCpuPlatform), the five parity cases on the tiny checkpoint,
+# a bfloat16 engine against the float32 reference (float16, on x86 CpuPlatform, is closer).
+# Unquantized (bfloat16 weights): top-20 log-probabilities of every step within 0.034, each served
+# token at most 0.010 below the reference's best. GPTQ and AWQ (the reference on the dequantized
+# weights): 0.038 and 0.027 (vLLM's CPU kernel dequantizes in bfloat16).
 LOGPROB_TOLERANCE = 0.05
 MARGIN_TOLERANCE = 0.05
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=20)
@@ -152,16 +154,19 @@ def test_writer_refuses_sizes_the_4_bit_kernels_cannot_take(tmp_path):
 
 @pytest.fixture(scope="module")
 def gptq_engine(gptq_checkpoint):
-    """The offline engine at its default dtype (the checkpoint says float16; this CPU computes
-    in bfloat16), eager for a quick start."""
+    """The offline engine at its default dtype (the checkpoint says float16), eager for a quick start."""
     llm = LLM(model=str(gptq_checkpoint), enforce_eager=True, seed=0)
     yield llm
     shut_down(llm)
 
 
-def test_gptq_is_served_by_vllms_gptq_config_in_bfloat16(gptq_engine):
+def test_gptq_is_served_by_vllms_gptq_config_in_16_bits(gptq_engine):
+    from vllm.platforms import current_platform
+
     assert gptq_engine.llm_engine.vllm_config.quant_config.get_name() == "auto_gptq"
-    assert gptq_engine.llm_engine.model_config.dtype == torch.bfloat16
+    # The checkpoint's float16 where the platform computes in it, else bfloat16.
+    expected = torch.float16 if torch.float16 in current_platform.supported_dtypes else torch.bfloat16
+    assert gptq_engine.llm_engine.model_config.dtype == expected
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
@@ -284,8 +289,13 @@ def test_a_tensor_parallel_size_that_splits_a_group_is_refused_naming_the_layer(
         EngineArgs(model=str(gptq_checkpoint), tensor_parallel_size=4).create_engine_config()
 
 
-def test_float16_is_refused_where_this_cpu_cannot_compute_in_it(gptq_checkpoint):
-    with pytest.raises(ValueError, match=r"dtype float16 does not run on ZenCpuPlatform .*use --dtype auto or one of bfloat16, float32"):
+def test_float16_is_refused_where_the_cpu_cannot_compute_in_it(gptq_checkpoint, monkeypatch):
+    from vllm.platforms import current_platform
+
+    # As ZenCpuPlatform on an AMD CPU without AVX512-FP16 reports it (on such a machine, as it is).
+    monkeypatch.setattr(type(current_platform), "supported_dtypes", property(lambda self: [torch.bfloat16, torch.float32]))
+    name = type(current_platform).__name__
+    with pytest.raises(ValueError, match=rf"dtype float16 does not run on {name} .*use --dtype auto or one of bfloat16, float32"):
         EngineArgs(model=str(gptq_checkpoint), dtype="float16").create_engine_config()
 
 

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qwen_vl.engine import metrics
 from qwen_vl.engine.engine import Engine
+from qwen_vl.model_executor.chat_prompt import IMAGE_SPAN
 from qwen_vl.model_executor.tokenizer import IM_END_ID, IM_START_ID
 
 from . import generation
@@ -150,6 +151,12 @@ class CountRequests:
             metrics.REQUESTS.labels(endpoint=endpoint, status=str(status)).inc()
 
 
+def max_images(max_model_len: int) -> int:
+    """The images a prompt of this context can hold (258 positions each), the
+    default limit per request: the original answers as many."""
+    return max_model_len // len(IMAGE_SPAN)
+
+
 def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], None] | None = None) -> FastAPI:
     """`on_engine_dead` is called once if the engine dies: the process should
     then exit non-zero so that an orchestrator restarts it."""
@@ -173,10 +180,11 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
         tokenizer = engine.tokenizer
         state["builder"] = PromptBuilder(tokenizer.backend_tokenizer, engine.max_window_size())
         state["defaults"] = engine.sampling_defaults()
+        state["max_images"] = settings.max_images_per_request or max_images(engine.max_model_len)
         logger.info(
-            "serving %s as %r on http://%s:%d (engine ready in %.1f s, context %d tokens)",
-            settings.model, settings.served_model_name, settings.host, settings.port,
-            time.perf_counter() - started, engine.max_model_len,
+            "serving %s as %r on http://%s:%d (engine ready in %.1f s, context %d tokens, at most %d images "
+            "per request)", settings.model, settings.served_model_name, settings.host, settings.port,
+            time.perf_counter() - started, engine.max_model_len, state["max_images"],
         )
         watcher = asyncio.create_task(watch_engine())
         async with new_client(image_limits) as state["http"]:
@@ -266,8 +274,7 @@ def create_app(settings: Settings, engine: Engine, on_engine_dead: Callable[[], 
             params.prompt_logprobs = body.logprobs
         ticket = admission.admit()
         try:
-            images = await generation.fetch_images(prompts, image_limits, settings.max_images_per_request,
-                                                   state["http"])
+            images = await generation.fetch_images(prompts, image_limits, state["max_images"], state["http"])
         except BaseException:
             ticket.release()
             raise

@@ -25,7 +25,7 @@ from .errors import APIError, error_body
 from .grounding import parse_grounding
 from .images import ImageError, ImageLimits, load_images
 from .prompt import Prompt
-from .protocol import Box, ChoiceLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob, Usage
+from .protocol import Box, ChoiceLogprobs, CompletionLogprobs, PromptTokensDetails, TokenLogprob, TopLogprob, Usage
 
 
 class Admission:
@@ -71,6 +71,7 @@ class Job:
     priority: int = 0
     cache_salt: str | None = None
     arrival: float = field(default_factory=time.perf_counter)
+    cached_tokens: dict[int, int] = field(default_factory=dict)  # per prompt, as the engine reports them
 
     @property
     def choice_count(self) -> int:
@@ -135,8 +136,10 @@ async def _outputs(engine: Engine, job: Job) -> AsyncIterator[tuple[int, Request
         for i, (prompt, images) in enumerate(zip(job.prompts, job.images))
     ]
     try:
-        async for item in _merged(streams):
-            yield item
+        async for i, output in _merged(streams):
+            if output.num_cached_tokens is not None:
+                job.cached_tokens[i] = output.num_cached_tokens
+            yield i, output
     except EngineDeadError as e:
         raise _engine_unavailable(e) from e
     except (VLLMValidationError, ValueError) as e:
@@ -232,6 +235,7 @@ def merge(choice: Choice, out: CompletionOutput) -> None:
 def record_finished(job: Job, choices: list[Choice]) -> None:
     metrics.END_TO_END_LATENCY.observe(time.perf_counter() - job.arrival)
     metrics.PROMPT_TOKENS.inc(prompt_tokens(job))
+    metrics.CACHED_PROMPT_TOKENS.inc(cached_tokens(job))
     metrics.COMPLETION_TOKENS.inc(sum(len(c.token_ids) for c in choices))
 
 
@@ -239,10 +243,15 @@ def prompt_tokens(job: Job) -> int:
     return sum(len(p.token_ids) for p in job.prompts)
 
 
+def cached_tokens(job: Job) -> int:
+    return sum(job.cached_tokens.values())
+
+
 def usage(job: Job, choices: list[Choice]) -> Usage:
     completion = sum(len(c.token_ids) for c in choices)
     prompt = prompt_tokens(job)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens(job)))
 
 
 def sse(payload) -> str:

@@ -371,10 +371,17 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class PromptTokensDetails(BaseModel):
+    # Prompt tokens whose keys and values came from the prefix cache (computed
+    # for an earlier request with the same prefix, images and cache salt).
+    cached_tokens: int
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class AssistantMessage(BaseModel):

@@ -17,7 +17,7 @@ class Settings:
     max_pending_requests: int
     request_timeout: float
     shutdown_grace_period: float
-    max_images_per_request: int
+    max_images_per_request: int | None  # None: as many as the context holds
     max_request_bytes: int
     max_image_bytes: int
     max_image_pixels: int

@@ -22,7 +22,9 @@ The vLLM-based servers get identical engine arguments (`--dtype`, `--max-model-l
 0.23 knows them all, and gets `--trust-remote-code` and `--hf-overrides` on top to load its
 Qwen-VL model). Targets: issue 4's at the highest concurrency (ours against vllm, offline,
 baseline) and issue 10's at every level against vllm023 (output tok/s >= 1.3x, TTFT p50 and ITL
-p99 <= 0.8x). Every level also gets its MFU (`mfu.request_flops` of its completed requests per
+p99 <= 0.8x). Every level also gets its share of the machine's roofline (`mfu.run_roofline_seconds`: the
+level's FLOPs at the matmul rate or its steps' weight and KV bytes at the read bandwidth,
+whichever is slower, over the time it took) and its MFU (`mfu.request_flops` of its completed requests per
 second, over torch.mm's rate in the run's dtype, measured before and after the servers run), and
 each level against vllm023 what 1.3x its throughput would take on this machine: the MFU it
 implies, or, one request at a time, its share of `mfu.single_stream_ceiling` (the matmul rate
@@ -328,12 +330,21 @@ def utilisation(limits: Limits, result: dict) -> float | None:
     return mfu.run_flops(limits.shapes, result) / result["duration"] / limits.peak_flops
 
 
+def roofline_share(limits: Limits, result: dict, concurrency: int) -> float | None:
+    """The least time the level's completed requests could take on this machine
+    (`mfu.run_roofline_seconds`) over the time they took; None without per-request figures."""
+    if "input_lens" not in result:
+        return None
+    return mfu.run_roofline_seconds(limits.shapes, result, concurrency, limits.peak_flops, limits.bandwidth,
+                                    limits.dtype_bytes) / result["duration"]
+
+
 def report_rows(runs: list[dict], concurrency: list[int], limits: Limits) -> list[str]:
     by = {(r["system"], r.get("concurrency")): r for r in runs if "error" not in r}
     lines = ["| concurrency | system | completed / failed | req/s | output tok/s | ours / system (tok/s) "
              "| TTFT p50 ms | TTFT p99 ms | ours / system (TTFT p50) | TPOT p50 ms | ITL p50 ms | ITL p99 ms "
-             "| ours / system (ITL p99) | MFU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| ours / system (ITL p99) | MFU | roofline share |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in concurrency:
         ours = by.get(("ours", c), {})
         for system in SYSTEMS:
@@ -347,7 +358,7 @@ def report_rows(runs: list[dict], concurrency: list[int], limits: Limits) -> lis
                 f"| {_fmt(ttft)} | {_fmt(r.get('p99_ttft_ms'))} | {_ratio(ours.get('median_ttft_ms'), ttft)} "
                 f"| {_fmt(r.get('median_tpot_ms'))} | {_fmt(r.get('median_itl_ms'))} | {_fmt(r.get('p99_itl_ms'))} "
                 f"| {_ratio(ours.get('p99_itl_ms'), r.get('p99_itl_ms'))} "
-                f"| {_fmt(utilisation(limits, r), '{:.1%}')} |"
+                f"| {_fmt(utilisation(limits, r), '{:.1%}')} | {_fmt(roofline_share(limits, r, c), '{:.0%}')} |"
             )
     return lines
 

@@ -46,6 +46,7 @@ class RequestResult:
     prompt_tokens: int = 0
     output_tokens: int = 0
     images: int = 0  # in the request (for FLOP counts)
+    text: str = ""  # the answer (a multi-turn client sends it back in the next turn)
 
 
 def _error_kind(exc: Exception) -> str:
@@ -84,6 +85,7 @@ async def send(client: httpx.AsyncClient, url: str, headers: dict, body: bytes) 
                 text = "".join((c.get("delta") or {}).get("content") or "" for c in event.get("choices") or ())
                 if not text:
                     continue
+                result.text += text
                 if chunks == 0:
                     result.ttft = now - result.start
                 else:
@@ -148,6 +150,8 @@ def summarise(results: list[RequestResult], duration: float) -> dict:
         "input_images": [r.images for r in results],
         "ttfts": [r.ttft for r in results],
         "latencies": [r.latency for r in results],
+        # The longest gap in each request's stream: the longest pause its reader saw.
+        "longest_pauses": [max(r.itl, default=0.0) for r in results],
         "request_errors": [r.error for r in results],
     }
     return summary

@@ -15,11 +15,10 @@ import json
 import shlex
 import sys
 import time
-from pathlib import Path
 
 from .compare import SERVED_MODEL, Server, checkpoint_for, free_port, machine
 from .load import benchmark
-from .report import replace_section
+from .report import add_run_arguments, parse_run_arguments, replace_section
 from .workloads import WORDS, Request, _user_message, build_workload
 
 
@@ -146,27 +145,18 @@ def run(args) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m qwen_vl.benchmarks.long_context", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="small", help="checkpoint preset written to the cache (default small)")
-    parser.add_argument("--model", type=Path, default=None, help="a checkpoint directory instead of --preset")
+    add_run_arguments(parser)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--min-requests", type=int, default=4, help="timed requests per level: max(this, 2 x concurrency)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--interference-requests", type=int, default=12)
     parser.add_argument("--interference-concurrency", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--server-arg", action="append", default=[], help="more arguments for the server")
-    parser.add_argument("--start-timeout", type=float, default=600.0)
-    parser.add_argument("--request-timeout", type=float, default=900.0)
-    parser.add_argument("--out-dir", type=Path, default=Path("bench-results"))
-    parser.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else argv
-    if args.model is not None:
-        args.preset = None
+    args = parse_run_arguments(build_parser(), argv)
     lines = run(args)
     replace_section(args.markdown, "Long conversations", lines)
     print("\n".join(lines))

@@ -23,6 +23,8 @@ projection weight, the LM head and the sequence's cache (`decode_step_bytes`), a
 request cannot overlap. `single_stream_ceiling` is the output rate a single stream could reach at
 best on this machine: its prefill at the matmul peak, then every step at the slower of its FLOPs
 at that peak and its bytes at the read bandwidth (`read_bandwidth`, measured like the peak).
+`run_roofline_seconds` is the same bound for a whole load run at a concurrency: the run's time
+over it is the share of the machine's roofline the server reached.
 """
 
 import argparse
@@ -142,6 +144,29 @@ def single_stream_ceiling(s: Shapes, prompt_tokens: int, output_tokens: int, ima
         flops = decoder_linear_flops(s) + attention_flops(s, keys) + lm_head_flops(s)
         seconds += max(flops / peak_flops, decode_step_bytes(s, dtype_bytes, keys) / bandwidth)
     return output_tokens / seconds
+
+
+def run_roofline_seconds(s: Shapes, result: dict, concurrency: int, peak_flops: float, bandwidth: float,
+                         dtype_bytes: int = 2) -> float:
+    """The least time a load run's completed requests (`load.benchmark`'s per-request lists) could
+    take on this machine with at most `concurrency` sequences per decoding step: every step's
+    FLOPs at the matmul peak or its bytes at the read bandwidth, whichever is slower, summed over
+    the run's steps. A step reads the projection weights and the LM head once, whatever the
+    sequences it decodes, and each sequence's keys and values; the decode tokens need at least
+    decode_tokens / concurrency steps. Spreading the images and prompts evenly over those steps
+    (chunked prefill mixes them in) is the cheapest schedule, since a sum of maxima is at least
+    the maximum of the sums: the whole run's FLOPs at the peak or its bytes at the bandwidth."""
+    steps, kv_bytes = 0, 0
+    for prompt, output, error in zip(result["input_lens"], result["output_lens"], result["request_errors"]):
+        if error or output <= 1:
+            continue
+        steps += output - 1
+        # Step j (1..output-1) attends to prompt + j positions.
+        keys = (output - 1) * prompt + output * (output - 1) // 2
+        kv_bytes += dtype_bytes * s.layers * 2 * s.hidden * keys
+    weights = projection_bytes(s, dtype_bytes) + dtype_bytes * lm_head_flops(s) // 2
+    seconds_of_bytes = (steps / concurrency * weights + kv_bytes) / bandwidth
+    return max(run_flops(s, result) / peak_flops, seconds_of_bytes)
 
 
 def read_bandwidth(threads: int | None = None, mib: int = 1024, seconds: float = 1.0) -> float:

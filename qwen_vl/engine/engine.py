@@ -13,15 +13,19 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from qwen_vl.model_executor.tokenizer import IMAGE_TOKENS_PER_IMAGE
 
 from .metrics import REQUESTS_UNFINISHED, EngineGauges
+from .scheduler import BUDGET_KEY, MIN_PREFILL_TOKENS, scheduler_class
 
 logger = logging.getLogger("qwen_vl.engine")
 
 
-def engine_config(engine_args: AsyncEngineArgs, images_per_step: int | None, headless: bool = False):
+def engine_config(engine_args: AsyncEngineArgs, images_per_step: int | None, pause_budget: float = 0.0,
+                  headless: bool = False):
     """vLLM's configuration for `engine_args`; with `images_per_step`, the vision encoder takes at
     most that many images in one engine step (vLLM's encoder compute budget, which it otherwise
     sets to --max-num-batched-tokens: 8 images at 2048). Chunked prefill stops a prompt just
-    before an image that does not fit and goes on in the next step.
+    before an image that does not fit and goes on in the next step. With `pause_budget` (seconds,
+    > 0) and no --scheduler-cls of the user's, the scheduler holds a step's prefill and vision
+    work beside decoding requests to that time (qwen_vl.engine.scheduler).
 
     Every node of a multi-node engine builds its configuration here (`headless`: a node of rank
     > 0, run_headless), because all of them must arrive at the same one: each node's workers warm
@@ -32,12 +36,16 @@ def engine_config(engine_args: AsyncEngineArgs, images_per_step: int | None, hea
     for its API server and its headless runner; 4096 and 256 per rank offline), and applies no
     --images-per-step of ours."""
     vllm_config = engine_args.create_engine_config(headless=headless)
+    scheduler_config = vllm_config.scheduler_config
     if images_per_step is not None:
-        vllm_config.scheduler_config.max_num_encoder_input_tokens = images_per_step * IMAGE_TOKENS_PER_IMAGE
+        scheduler_config.max_num_encoder_input_tokens = images_per_step * IMAGE_TOKENS_PER_IMAGE
+    if pause_budget > 0 and scheduler_config.scheduler_cls is None:
+        scheduler_config.scheduler_cls = scheduler_class(bool(scheduler_config.async_scheduling))
+        vllm_config.additional_config[BUDGET_KEY] = pause_budget
     return vllm_config
 
 
-def run_headless(engine_args: AsyncEngineArgs, images_per_step: int | None) -> None:
+def run_headless(engine_args: AsyncEngineArgs, images_per_step: int | None, pause_budget: float = 0.0) -> None:
     """This node's engine workers only, until they exit (multi-node, a node of rank > 0: node 0
     schedules and serves the API). What vLLM's own `serve --headless` runs for such a node
     (vllm/entrypoints/cli/serve.py, run_headless), but on the configuration of engine_config:
@@ -47,7 +55,7 @@ def run_headless(engine_args: AsyncEngineArgs, images_per_step: int | None) -> N
 
     from vllm.v1.executor.multiproc_executor import MultiprocExecutor
 
-    vllm_config = engine_config(engine_args, images_per_step, headless=True)
+    vllm_config = engine_config(engine_args, images_per_step, pause_budget, headless=True)
     if vllm_config.parallel_config.node_rank_within_dp == 0:
         raise ValueError("--headless runs the engine workers of a node after the first: --nnodes N --node-rank R > 0")
 
@@ -77,9 +85,9 @@ class Engine:
     """The configuration is built (and checked: a configuration that cannot run is refused
     here, before any process starts) when the Engine is made; the engine starts in `start`."""
 
-    def __init__(self, engine_args: AsyncEngineArgs, images_per_step: int | None = None):
+    def __init__(self, engine_args: AsyncEngineArgs, images_per_step: int | None = None, pause_budget: float = 0.0):
         self.engine_args = engine_args
-        self.vllm_config = engine_config(engine_args, images_per_step)
+        self.vllm_config = engine_config(engine_args, images_per_step, pause_budget)
         self.llm: AsyncLLM | None = None
 
     def start(self) -> None:
@@ -87,6 +95,14 @@ class Engine:
         budget = vllm_config.scheduler_config.max_num_encoder_input_tokens
         logger.info("vision encoder: at most %d image(s) per engine step (%d encoder tokens)",
                     max(1, budget // IMAGE_TOKENS_PER_IMAGE), budget)
+        pause = vllm_config.additional_config.get(BUDGET_KEY) if isinstance(vllm_config.additional_config, dict) else None
+        if pause is not None:
+            logger.info("scheduling: beside decoding requests, a prompt's prefill takes about %.3g s of an engine step "
+                        "(at least %d positions), its costs measured from the engine's steps; a prompt alone, up to "
+                        "%d positions a step (--decode-pause-budget)", pause, MIN_PREFILL_TOKENS,
+                        vllm_config.scheduler_config.max_num_batched_tokens)
+        else:
+            logger.info("scheduling: vLLM's (%s)", vllm_config.scheduler_config.scheduler_cls or "its default scheduler")
         self.llm = AsyncLLM.from_vllm_config(
             vllm_config, stat_loggers=[EngineGauges], enable_log_requests=self.engine_args.enable_log_requests,
             disable_log_stats=self.engine_args.disable_log_stats,

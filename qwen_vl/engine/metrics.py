@@ -18,6 +18,9 @@ END_TO_END_LATENCY = Histogram(
     "qwen_vl_e2e_request_latency_seconds", "Arrival to last token of a generation request", buckets=LATENCY_BUCKETS
 )
 PROMPT_TOKENS = Counter("qwen_vl_prompt_tokens", "Prompt tokens processed (258 per image)")
+CACHED_PROMPT_TOKENS = Counter(
+    "qwen_vl_cached_prompt_tokens", "Prompt tokens served from the prefix cache (usage's cached_tokens)"
+)
 COMPLETION_TOKENS = Counter("qwen_vl_completion_tokens", "Tokens generated")
 IMAGES_PER_REQUEST = Histogram(
     "qwen_vl_images_per_request", "Images in one generation request", buckets=(0, 1, 2, 3, 4, 6, 8, 16, 32)

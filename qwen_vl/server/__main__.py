@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.headless:
         try:
-            run_headless(engine_args, args.images_per_step)
+            run_headless(engine_args, args.images_per_step, args.decode_pause_budget)
         except ValueError as error:
             refuse(configuration_error(error))
         return
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     from qwen_vl.api.app import create_app
 
     try:
-        engine = Engine(engine_args, args.images_per_step)
+        engine = Engine(engine_args, args.images_per_step, args.decode_pause_budget)
     except ValueError as error:
         refuse(configuration_error(error))
     engine_died = False

@@ -48,6 +48,8 @@ def apply_environment(parser: argparse.ArgumentParser) -> None:
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    from qwen_vl.engine.scheduler import DEFAULT_BUDGET as DEFAULT_PAUSE_BUDGET
+
     group = parser.add_argument_group("qwen-vl server")
     group.add_argument("--host", default="127.0.0.1", help="address to listen on")
     group.add_argument("--port", type=int, default=8000, help="port to listen on")
@@ -77,7 +79,11 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--shutdown-grace-period", type=float, default=30.0,
         help="on SIGTERM, seconds that requests in flight get to finish",
     )
-    group.add_argument("--max-images-per-request", type=int, default=8, help="images in one request, at most")
+    group.add_argument(
+        "--max-images-per-request", type=int, default=None, metavar="N",
+        help="images in one request, at most (400 beyond). Unset: as many as the context holds, 258 positions "
+        "each (31 at 8192), as the original answers them",
+    )
     group.add_argument(
         "--images-per-step", type=int, default=None, metavar="N",
         help="images the vision encoder takes in one engine step, at most (vLLM's encoder compute budget); a "
@@ -85,6 +91,13 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "1 bounds the stall a burst of new images puts into running streams and lowers TTFT under bursts, "
         "but splits requests that arrive together (BENCHMARKS.md, 'Images per step'). Unset: vLLM's budget, "
         "as many as --max-num-batched-tokens holds (8 at 2048)",
+    )
+    group.add_argument(
+        "--decode-pause-budget", type=float, default=DEFAULT_PAUSE_BUDGET, metavar="SECONDS",
+        help="while requests are decoding, a prompt's prefill takes about this much of an engine step (at least "
+        "128 positions; its cost measured from the engine's own steps), so that a long prompt pauses the running "
+        "streams only briefly; a prompt alone still gets vLLM's full step. 0 = vLLM's scheduling. Ignored with "
+        "--scheduler-cls",
     )
     group.add_argument("--max-request-bytes", type=int, default=32 * MIB, help="request body size limit (413 beyond)")
     group.add_argument("--max-image-bytes", type=int, default=20 * MIB, help="size limit of one image, encoded")
@@ -165,6 +178,10 @@ def parse(argv: list[str] | None = None):
         zentorch_wanted()
     except ValueError as error:
         parser.error(str(error))
+    if args.max_images_per_request is not None and args.max_images_per_request < 1:
+        parser.error("--max-images-per-request: at least 1")
+    if args.decode_pause_budget < 0:
+        parser.error("--decode-pause-budget: 0 (vLLM's scheduling) or more seconds")
     if args.images_per_step is not None:
         if args.images_per_step < 1:
             parser.error("--images-per-step: at least 1")

@@ -227,6 +227,7 @@ async function stream(body, turn, images, signal) {
         if (data === "[DONE]") return text;
         const chunk = JSON.parse(data);
         if (chunk.error) throw new ApiError(chunk.error.message);
+        if (chunk.usage) turn.usage = chunk.usage;
         for (const choice of chunk.choices) {
           if (choice.delta.content) {
             text += choice.delta.content;
@@ -238,6 +239,13 @@ async function stream(body, turn, images, signal) {
       }
     }
   }
+}
+
+// "290 prompt tokens (258 cached) · 16 generated": the cached ones came from the prefix cache.
+function usageText(usage) {
+  if (!usage) return "";
+  const cached = usage.prompt_tokens_details ? usage.prompt_tokens_details.cached_tokens : 0;
+  return `${usage.prompt_tokens} prompt tokens (${cached} cached) · ${usage.completion_tokens} generated`;
 }
 
 function setBusy(busy) {
@@ -258,7 +266,10 @@ async function send(event) {
   if (text) content.push({ type: "text", text });
   const message = { role: "user", content };
   const images = [...state.historyImages, ...attached];
-  const body = { model: state.model, messages: [...state.history, message], stream: true, ...samplingFields() };
+  const body = {
+    model: state.model, messages: [...state.history, message], stream: true,
+    stream_options: { include_usage: true }, ...samplingFields(),
+  };
   if ($("ground").checked) body.structured_outputs = { regex: GROUND_REGEX };
 
   addUserTurn(text, attached);
@@ -274,7 +285,9 @@ async function send(event) {
   try {
     answer = await stream(body, turn, images, state.controller.signal);
     turn.node.dataset.state = "done";
-    turn.status.textContent = turn.node.dataset.finishReason === "length" ? "stopped at max tokens" : "";
+    const notes = [usageText(turn.usage)];
+    if (turn.node.dataset.finishReason === "length") notes.unshift("stopped at max tokens");
+    turn.status.textContent = notes.join(" · ");
   } catch (error) {
     if (error.name === "AbortError") {
       answer = turn.text.textContent;
