@@ -147,8 +147,8 @@ def chunk_limit(costs: Costs | None, budget: float, decodes: int, prefills: Sequ
     image's 258 positions carry its encoding: a position of an image costs a token plus 1/258 of
     an image). Prompts that fit it whole are not split, as vLLM would not split them, nor are
     prompts of up to NEVER_SPLIT positions; the long ones share what is left, and each takes at
-    least MIN_PREFILL_TOKENS, so that every prompt progresses. None: not limited, since no prompt is long, nothing decodes
-    (nobody waits), the budget is off, or prefill has no measured cost yet."""
+    least MIN_PREFILL_TOKENS, so that every prompt progresses. None: not limited, since no prompt
+    is long, nothing decodes (nobody waits), the budget is off, or prefill has no measured cost."""
     if costs is None or costs.token is None or budget <= 0 or decodes == 0:
         return None
     spare = max(0.0, budget - costs.step - costs.decode * decodes)
@@ -184,7 +184,7 @@ class _BoundedPauses:
         # prompt and only when more than one request is in the engine.
         prefills = [r.num_prompt_tokens - r.num_computed_tokens for r in (*self.running, *self.waiting)
                     if r.num_computed_tokens < r.num_prompt_tokens]
-        decoding = len(self.running) + len(self.waiting) - len(prefills)
+        decoding = sum(1 for r in self.running if r.num_computed_tokens >= r.num_prompt_tokens)
         limit = chunk_limit(self.costs.costs, self.pause_budget, decoding, prefills)
         if limit is not None and self.own_threshold:
             limit = min(limit, self.own_threshold)
