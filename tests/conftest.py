@@ -157,6 +157,17 @@ def assert_error(response: httpx.Response, status: int, *, code=None, param=None
     return error
 
 
+def chat_answers(servers: dict, body: dict, timeout: float = 120) -> dict:
+    """Each server's answer (JSON) to the same chat request, by the servers' names; each must be a 200."""
+    answers = {}
+    for name, url in servers.items():
+        response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=timeout,
+                              headers={"Authorization": f"Bearer {API_KEY}"})
+        assert response.status_code == 200, (name, response.text)
+        answers[name] = response.json()
+    return answers
+
+
 def chat_body(content="Hello", **fields) -> dict:
     return {"model": SERVED_MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 2, **fields}
 

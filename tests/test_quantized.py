@@ -15,7 +15,6 @@ import os
 import shutil
 import sys
 
-import httpx
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -25,7 +24,7 @@ from vllm.engine.arg_utils import EngineArgs
 from qwen_vl.model_executor import quantize
 from qwen_vl.model_executor.checkpoint import QUANTIZED_LINEARS, write_checkpoint
 from qwen_vl.model_executor.quantization import check_zero_points, checked_extra
-from tests.conftest import API_KEY, SERVED_MODEL, cpu_threads_bind, free_port, launch, stop_server
+from tests.conftest import API_KEY, SERVED_MODEL, chat_answers, cpu_threads_bind, free_port, launch, stop_server
 from tests.images import data_url, pattern_image
 from tests.reference import ReferenceQwenVL, read_checkpoint
 from tests.test_parity import CASE_NAMES, cases
@@ -248,12 +247,7 @@ def test_our_server_and_vllm_serve_give_the_same_int4_answer(two_servers):
             "messages": [{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": data_url(pattern_image(3, (400, 300)))}},
                 {"type": "text", "text": "What is in this picture?"}]}]}
-    answers = {}
-    for name, url in two_servers.items():
-        response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300,
-                              headers={"Authorization": f"Bearer {API_KEY}"})
-        assert response.status_code == 200, (name, response.text)
-        answers[name] = response.json()
+    answers = chat_answers(two_servers, body, timeout=300)
     counts = {name: {k: answer["usage"][k] for k in ("prompt_tokens", "completion_tokens")} for name, answer in answers.items()}
     assert counts["ours"] == counts["vllm serve"] == {"prompt_tokens": counts["ours"]["prompt_tokens"], "completion_tokens": 16}
     ours, theirs = (answers[name]["choices"][0]["message"]["content"] for name in ("ours", "vllm serve"))

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from qwen_vl.model_executor.tokenizer import IM_END_ID, IM_START_ID
-from tests.conftest import API_KEY, SERVED_MODEL, free_port, launch, stop_server
+from tests.conftest import API_KEY, SERVED_MODEL, chat_answers, free_port, launch, stop_server
 from tests.images import data_url, pattern_image, turned_photo
 from tests.test_long_context import words
 
@@ -32,16 +32,6 @@ def vllm_server(tiny_checkpoint, tmp_path_factory):
 
 def _image(seed, mode="RGB"):
     return {"type": "image_url", "image_url": {"url": data_url(pattern_image(seed, (320, 240), mode))}}
-
-
-def _answers(servers: dict, body: dict) -> dict:
-    answers = {}
-    for name, url in servers.items():
-        response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120,
-                              headers={"Authorization": f"Bearer {API_KEY}"})
-        assert response.status_code == 200, (name, response.text)
-        answers[name] = response.json()
-    return answers
 
 
 CASES = {
@@ -92,7 +82,7 @@ def test_vllm_serve_defaults_to_the_checkpoints_8192_positions(vllm_server, serv
 def test_vllm_serve_and_our_server_give_the_same_greedy_answer(vllm_server, server, case):
     """No extra flags on `vllm serve`: the plugin's chat template, stops and image handling do it."""
     body = {"model": SERVED_MODEL, "messages": CASES[case], "max_tokens": 12, "temperature": 0.0}
-    answers = _answers({"vllm": vllm_server, "ours": server}, body)
+    answers = chat_answers({"vllm": vllm_server, "ours": server}, body)
     theirs, ours = answers["vllm"], answers["ours"]
     counts = ("prompt_tokens", "completion_tokens", "total_tokens")
     assert [theirs["usage"][k] for k in counts] == [ours["usage"][k] for k in counts]
@@ -105,7 +95,7 @@ def test_vllm_serve_stops_at_the_chat_turns_end(vllm_server, server, stop_id):
     """Either token, made certain by a logit bias, ends the answer at once, as in the original chat()."""
     body = {"model": SERVED_MODEL, "messages": CASES["text"], "max_tokens": 8, "temperature": 0.0,
             "logit_bias": {str(stop_id): 100}}
-    for name, answer in _answers({"vllm": vllm_server, "ours": server}, body).items():
+    for name, answer in chat_answers({"vllm": vllm_server, "ours": server}, body).items():
         assert answer["choices"][0]["finish_reason"] == "stop", name
         assert answer["usage"]["completion_tokens"] == 1, name
 
@@ -123,12 +113,7 @@ def test_vllm_serve_renders_the_original_prompt_with_our_chat_template(vllm_serv
         {"role": "user", "content": [image(3), {"type": "text", "text": "Generate the caption with grounding:"}]},
     ]
     body = {"model": SERVED_MODEL, "messages": messages, "max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
-    answers = {}
-    for name, url in (("vllm", vllm_server), ("ours", server)):
-        response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120,
-                              headers={"Authorization": f"Bearer {API_KEY}"})
-        assert response.status_code == 200, response.text
-        answers[name] = response.json()
+    answers = chat_answers({"vllm": vllm_server, "ours": server}, body)
     # The system prompt, three <img> spans of 258 positions, both turns and the reply prefix.
     assert answers["vllm"]["usage"]["prompt_tokens"] == answers["ours"]["usage"]["prompt_tokens"] > 3 * 258
     assert answers["vllm"]["usage"]["completion_tokens"] == 8
