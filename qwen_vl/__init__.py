@@ -9,6 +9,7 @@ config. Under `qwen_vl.` our names cannot collide.
     api/             wire protocol, chat-to-prompt, images, grounding
     server/          process, settings, engine lifecycle, metrics
     benchmarks/      load generator and side-by-side peers
+    demo/            the demo model's scenes, training and weights (uses model_executor)
 """
 
 import os

@@ -76,10 +76,11 @@ class ReferenceConfig:
 # Image preprocessing (FACTS: Image preprocessing)
 # ---------------------------------------------------------------------------------------------
 
-def preprocess(image: Image.Image) -> torch.Tensor:
-    """PIL image -> normalised float32 [3, 448, 448], as the original's transform does it."""
+def preprocess(image: Image.Image, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """PIL image -> normalised float32 [3, size, size], as the original's transform does it
+    (it resizes to config.visual["image_size"], 448 in Qwen-VL-Chat)."""
     # convert("RGB") drops alpha without compositing; PIL's bicubic (not torch's) matters.
-    image = image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
+    image = image.convert("RGB").resize((size, size), Image.BICUBIC)
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 255
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
@@ -382,7 +383,8 @@ class ReferenceQwenVL(nn.Module):
     @torch.inference_mode()
     def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
         """[num_images, 256, output_dim]; all images of a prompt are encoded together."""
-        pixels = torch.stack([preprocess(image) for image in images]).to(self.device)
+        size = self.config.visual["image_size"]
+        pixels = torch.stack([preprocess(image, size) for image in images]).to(self.device)
         return self.transformer.visual(pixels)
 
     def embed(self, input_ids: torch.Tensor, images: list[Image.Image]) -> torch.Tensor:

@@ -50,6 +50,16 @@ PRESETS: dict[str, dict] = {
         "intermediate_size": 512,
         "visual": {"width": 128, "layers": 2, "heads": 4, "mlp_ratio": 2.0, "output_dim": 256},
     },
+    # The trained demo model's sizes (qwen_vl.demo): 224-pixel images (a 16x16 patch grid, the
+    # original's position tables without resizing), about 11M parameters besides the vocabulary.
+    "demo": {
+        "hidden_size": 384,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 6,
+        "kv_channels": 64,
+        "intermediate_size": 1536,
+        "visual": {"width": 256, "layers": 6, "heads": 4, "mlp_ratio": 3.0, "output_dim": 384, "image_size": 224},
+    },
     # CPU benchmarks: compute dominates the overheads, under 1 GB on disk in bf16.
     "small": {
         "hidden_size": 1024,
@@ -323,17 +333,17 @@ def write_checkpoint(
         for name, (shape, _) in specs.items():
             if quantized_layer(name):
                 quantize.check_shape(name, *shape, group_size)
-    out = _write_files(out_dir, config)
+    out = write_files(out_dir, config)
     dequantized = None
     if dequantized_dir is not None:
         plain = {k: v for k, v in config.items() if k != "quantization_config"}
-        dequantized = _write_files(dequantized_dir, {**plain, "torch_dtype": "float32"})
+        dequantized = write_files(dequantized_dir, {**plain, "torch_dtype": "float32"})
 
     torch_dtype = DTYPES[dtype]
     groups = _shards(specs, torch_dtype.itemsize, num_shards)
     formats = [("model", "safetensors")] * safetensors + [("pytorch_model", "bin")] * bin_shards
-    shards = _ShardWriter(out, formats, len(groups))
-    plain_shards = _ShardWriter(dequantized, [("model", "safetensors")], len(groups)) if dequantized else None
+    shards = ShardWriter(out, formats, len(groups))
+    plain_shards = ShardWriter(dequantized, [("model", "safetensors")], len(groups)) if dequantized else None
     for k, names in enumerate(groups, start=1):
         tensors, plain_tensors = {}, {}
         for name in names:
@@ -363,7 +373,7 @@ def write_checkpoint(
     return out
 
 
-def _write_files(out_dir: str | os.PathLike, config: dict) -> Path:
+def write_files(out_dir: str | os.PathLike, config: dict) -> Path:
     """The checkpoint's directory with its JSON files and tokenizer, weights to come."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -374,7 +384,7 @@ def _write_files(out_dir: str | os.PathLike, config: dict) -> Path:
     return out
 
 
-class _ShardWriter:
+class ShardWriter:
     """Writes numbered weight shards in each format, then each format's index."""
 
     def __init__(self, out: Path, formats: list[tuple[str, str]], count: int):

@@ -1,0 +1,315 @@
+"""Train the demo model on this machine's CPU, from a seed.
+
+    python -m qwen_vl.demo.train OUT_FILE [--steps 2400] [--batch 12] [--seed 0] [--threads N]
+
+Each step draws fresh conversations (qwen_vl.demo.scenes.training_scene, one random stream per
+run): a scene, one to four questions about it in Qwen-VL-Chat's chat format, built by the same
+prompt builder as the server (so the ids are exactly what a request produces), or two scenes and
+"Which picture shows a ...?". The loss is the answers' tokens. Words are spelled one letter per
+token: the tokenizer splits random capitals into arbitrary pieces, and letters decode to the
+same text.
+
+Same seed, same steps, same torch: the same weights (torch's CPU kernels are deterministic in
+this setup; a different CPU may round matmuls differently). The result is one file
+(qwen_vl.demo.weights): every tensor in bfloat16, the vocabulary rows it uses and their ids;
+`python -m qwen_vl.demo.weights FILE DIR` expands it into a checkpoint to serve.
+"""
+
+import argparse
+import json
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import tokenizers
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from qwen_vl.demo import weights
+from qwen_vl.demo.network import TrainableQwenVL
+from qwen_vl.demo.scenes import COLOURS, SHAPES, Scene, Shape, training_scene
+from qwen_vl.demo.tasks import Question, paraphrase, questions, which_question
+from qwen_vl.model_executor.chat_prompt import ChatMessage, ChatPromptBuilder
+from qwen_vl.model_executor.checkpoint import config_dict, sincos_table
+from qwen_vl.model_executor.processor import preprocess_image
+from qwen_vl.model_executor.tokenizer import IM_END_ID, IMG_PAD_ID, cached_backend_file, qwen_tiktoken_path
+
+# How often each kind of question is asked (of those a scene supports); boxes and words are the
+# hardest to learn and get the most practice.
+KIND_WEIGHTS = {"name": 1.0, "count": 0.8, "colour": 0.8, "where": 1.6, "text": 1.6, "name_zh": 0.6,
+                "count_zh": 0.4, "where_zh": 0.9}
+TWO_PICTURE_SHARE = 0.12
+PROBE_WEIGHT = 0.5  # of the grid-cell probe's loss beside the answers'
+MAX_TURNS = 8
+VOCAB_CONVERSATIONS = 20000
+
+
+@dataclass
+class Example:
+    ids: list[int]  # real token ids
+    answer: list[bool]  # whether each id is part of an answer (predicted, counted in the loss)
+    images: list[Image.Image]
+    cells: list[torch.Tensor]  # per image: [256, 2] shape and colour class of each grid cell
+
+
+# What the grid cells of a scene hold: a shape (or the word) and its colour; the probe below
+# learns to read these from the image tokens.
+CELL_SHAPES = ("background", *SHAPES, "word")
+CELL_COLOURS = ("background", *COLOURS)
+GRID = 16
+
+
+def cell_labels(scene: Scene) -> torch.Tensor:
+    """[256, 2]: for each cell of the 16x16 grid the image is resized to (row by row, as the
+    adapter's queries), the class of what covers its centre and of its colour (-1: the word's
+    colour, not asked)."""
+    labels = torch.zeros(GRID * GRID, 2, dtype=torch.long)
+    for cell in range(GRID * GRID):
+        x = (cell % GRID + 0.5) / GRID * scene.width
+        y = (cell // GRID + 0.5) / GRID * scene.height
+        for shape in scene.shapes:
+            if _inside(shape, x, y):
+                labels[cell] = torch.tensor([CELL_SHAPES.index(shape.shape), CELL_COLOURS.index(shape.colour)])
+        if scene.word_box and scene.word_box[0] <= x < scene.word_box[2] and scene.word_box[1] <= y < scene.word_box[3]:
+            labels[cell] = torch.tensor([CELL_SHAPES.index("word"), -1])
+    return labels
+
+
+def _inside(shape: Shape, x: float, y: float) -> bool:
+    x1, y1, x2, y2 = shape.box
+    if not (x1 <= x < x2 and y1 <= y < y2):
+        return False
+    if shape.shape == "circle":
+        return (x - (x1 + x2) / 2) ** 2 + (y - (y1 + y2) / 2) ** 2 <= ((x2 - x1) / 2) ** 2
+    if shape.shape == "triangle":  # apex at the top centre: the half-width grows linearly downwards
+        return abs(x - (x1 + x2) / 2) <= (y - y1) / (y2 - y1) * (x2 - x1) / 2
+    return True
+
+
+class Conversations:
+    """Random training conversations, token ids built as the server builds a request's."""
+
+    def __init__(self, seed: int | str):
+        self.rng = random.Random(seed)
+        self.tokenizer = tokenizers.Tokenizer.from_file(str(cached_backend_file(qwen_tiktoken_path())))
+        self.builder = ChatPromptBuilder(self.tokenizer)
+
+    def answer_ids(self, question: Question) -> list[int]:
+        if question.kind == "text":  # one token per letter
+            return [self.tokenizer.token_to_id(letter) for letter in question.answer]
+        return self.builder.encode_text(question.answer)
+
+    def _turns(self, scene) -> list[tuple[str, Question]]:
+        available = questions(scene)
+        kinds = sorted({q.kind for q in available})
+        turns: list[tuple[str, Question]] = []
+        # Up to eight questions about one picture: the image costs 258 positions and a pass
+        # through the encoder, a question and its answer about 25, so more turns teach more per step.
+        for _ in range(self.rng.randint(1, MAX_TURNS)):
+            kind = self.rng.choices(kinds, [KIND_WEIGHTS[k] for k in kinds])[0]
+            question = self.rng.choice([q for q in available if q.kind == kind])
+            if all(question is not asked for _, asked in turns):
+                turns.append((paraphrase(question, self.rng), question))
+        return turns
+
+    def __next__(self) -> Example:
+        scene = training_scene(self.rng)
+        scenes = [scene]
+        turns = None
+        if self.rng.random() < TWO_PICTURE_SHARE:
+            other = training_scene(self.rng)
+            question = which_question(scene, other, self.rng)
+            if question is not None:
+                scenes.append(other)
+                turns = [(paraphrase(question, self.rng), question)]
+        if turns is None:
+            turns = self._turns(scene)
+
+        images = [s.image for s in scenes]
+        messages = [ChatMessage("user", turns[0][0], images)]
+        prompt = self.builder.build(messages).token_ids  # as the server builds it, for this turn
+        ids = list(prompt)
+        answer = [False] * len(ids)
+        for i, (text, question) in enumerate(turns):
+            if i:
+                messages += [ChatMessage("assistant", turns[i - 1][1].answer), ChatMessage("user", text)]
+                history = prompt + self.builder.encode_text(turns[i - 1][1].answer) + [IM_END_ID]
+                prompt = self.builder.build(messages).token_ids
+                # The server re-encodes the earlier answer as text: its canonical ids, then this turn.
+                assert prompt[:len(history)] == history, "the history is not a prefix of the next prompt"
+                ids += prompt[len(history):]
+                answer += [False] * (len(prompt) - len(history))
+            reply = self.answer_ids(question) + [IM_END_ID]
+            ids += reply
+            answer += [True] * len(reply)
+        return Example(ids, answer, images, [cell_labels(s) for s in scenes])
+
+    def __iter__(self):
+        return self
+
+
+def build_vocab(conversations_seen: int = VOCAB_CONVERSATIONS, seed: int | str = "vocab") -> list[int]:
+    """Every token id the conversations use (sampled widely), plus every capital letter and digit."""
+    conversations = Conversations(seed)
+    found = {conversations.tokenizer.token_to_id(c) for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"}
+    for _ in tqdm(range(conversations_seen), desc="vocabulary", leave=False):
+        found.update(next(conversations).ids)
+    return sorted(found)
+
+
+class Batcher:
+    """Conversations -> padded batches of compact ids, image positions, pixels and targets."""
+
+    def __init__(self, conversations: Iterator[Example], vocab: list[int], vocab_size: int, image_size: int):
+        self.conversations = conversations
+        self.image_size = image_size
+        self.compact = torch.full((vocab_size,), -1, dtype=torch.long)
+        self.compact[torch.tensor(vocab)] = torch.arange(len(vocab))
+        self.unknown = 0
+
+    def batch(self, size: int):
+        """`size` conversations with the same number of pictures (so padding stays short)."""
+        examples = []
+        pictures = None
+        while len(examples) < size:
+            example = next(self.conversations)
+            pictures = pictures or len(example.images)
+            if len(example.images) != pictures:
+                continue
+            if (self.compact[torch.tensor(example.ids)] < 0).any():
+                self.unknown += 1  # a token the vocabulary sample never saw: skip the conversation
+                continue
+            examples.append(example)
+        length = max(len(e.ids) for e in examples)
+        ids = torch.full((size, length), IMG_PAD_ID - 1, dtype=torch.long)
+        targets = torch.full((size, length), -1, dtype=torch.long)
+        for row, example in enumerate(examples):
+            real = torch.tensor(example.ids)
+            ids[row, :len(real)] = real
+            answer = torch.tensor(example.answer)
+            targets[row, :len(real) - 1] = torch.where(answer[1:], self.compact[real[1:]], -1)
+        image_positions = ids == IMG_PAD_ID
+        ids = self.compact[ids].clamp(min=0)
+        pixels = torch.stack([preprocess_image(image, self.image_size) for e in examples for image in e.images])
+        cells = torch.stack([c for e in examples for c in e.cells])
+        return ids, image_positions, pixels, targets, cells
+
+
+def initialise(model: TrainableQwenVL, generator: torch.Generator) -> None:
+    """GPT-2 style: normal(0, 0.02), residual outputs scaled by depth; norms at one; the ViT's
+    position table from the 2-D sin-cos table; the adapter's fixed table as the original's."""
+    config = model.config
+    depth = config["num_hidden_layers"] + config["visual"]["layers"]
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            torch.nn.init.ones_(p) if name.endswith("weight") else torch.nn.init.zeros_(p)
+        elif name.endswith(("c_proj.weight", "out_proj.weight")):
+            p.data.normal_(0, 0.02 / math.sqrt(2 * depth), generator=generator)
+        else:
+            p.data.normal_(0, 0.02, generator=generator)
+    visual = model.transformer.visual
+    visual.positional_embedding.data = sincos_table(config["visual"]["width"], 16) * 0.5
+    visual.attn_pool.pos_embed.copy_(sincos_table(config["hidden_size"], 16))
+    visual.proj.data.normal_(0, config["hidden_size"] ** -0.5, generator=generator)
+    # The adapter starts as local pooling: with small random query and key weights its attention
+    # is uniform, every one of the 256 image tokens the same average of the patches, and training
+    # collapses the image to a constant (measured: a first run's image tokens differed by 2e-5 of
+    # their size after 1000 steps). Queries and keys share one random projection per head, which
+    # keeps inner products (scaled by 1.5: attention over about ten patches at the start), so each
+    # query attends where the 2-D sin-cos tables agree: its own patch and its neighbours; values
+    # and output pass the features through.
+    pool, dim = visual.attn_pool, config["hidden_size"]
+    head_dim = dim // (dim // 128)
+    shared = torch.randn(dim, dim, generator=generator) * 1.5 / math.sqrt(head_dim)
+    pool.attn.in_proj_weight.data = torch.cat((shared, shared, torch.eye(dim)))
+    pool.attn.in_proj_bias.data.zero_()
+    pool.attn.out_proj.weight.data = torch.eye(dim)
+    pool.attn.out_proj.bias.data.zero_()
+    pool.ln_q.weight.data.fill_(0.1)  # the learned queries' content starts small beside the positions
+    # Text embeddings at the image features' scale (about 0.8 per dimension), so neither kind of
+    # position drowns the other in the residual stream.
+    model.transformer.wte.weight.data.normal_(0, 0.5, generator=generator)
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(out: Path, steps: int, batch: int, seed: int, peak_lr: float = 1e-3, warmup: int = 200,
+          vocab_conversations: int = VOCAB_CONVERSATIONS) -> None:
+    torch.manual_seed(seed)
+    config = config_dict("demo")
+    vocab = build_vocab(vocab_conversations)
+    model = TrainableQwenVL(config, vocab)
+    initialise(model, torch.Generator().manual_seed(seed))
+    # Training only, not shipped: reads from each image token the decoder receives what covers
+    # its grid cell (shape, colour) and which cell it is (row, column), so the visual encoder
+    # keeps what and where from the first step (without it, image tokens collapse to a constant:
+    # see initialise).
+    probe = torch.nn.Linear(config["hidden_size"], len(CELL_SHAPES) + len(CELL_COLOURS) + 2 * GRID)
+    rows, columns = torch.arange(GRID * GRID) // GRID, torch.arange(GRID * GRID) % GRID
+    trained = {**dict(model.named_parameters()), **{f"probe.{n}": p for n, p in probe.named_parameters()}}
+    decays = {n: p.dim() >= 2 and "wte" not in n and "positional" not in n for n, p in trained.items()}
+    optimizer = torch.optim.AdamW([{"params": [p for n, p in trained.items() if decays[n]], "weight_decay": 0.05},
+                                   {"params": [p for n, p in trained.items() if not decays[n]], "weight_decay": 0.0}],
+                                  lr=peak_lr, betas=(0.9, 0.95))
+    batcher = Batcher(Conversations(f"train-{seed}"), vocab, config["vocab_size"], config["visual"]["image_size"])
+    log = out.with_suffix(".log.jsonl")
+    started = time.perf_counter()
+    with tqdm(range(steps), desc="training", unit="step") as bar, log.open("w") as log_file:
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, steps, peak_lr, warmup)
+            ids, image_positions, pixels, targets, cells = batcher.batch(batch)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                image_tokens = model.transformer.visual(pixels)
+                answers = model.answer_loss(model.hidden_states(ids, image_positions, image_tokens), targets)
+                guesses = probe(image_tokens).float().flatten(0, 1)
+                shape_guess, colour_guess, row_guess, column_guess = guesses.split(
+                    [len(CELL_SHAPES), len(CELL_COLOURS), GRID, GRID], dim=-1)
+                images = len(image_tokens)
+                cell_loss = (F.cross_entropy(shape_guess, cells[..., 0].flatten())
+                             + F.cross_entropy(colour_guess, cells[..., 1].flatten(), ignore_index=-1)
+                             + F.cross_entropy(row_guess, rows.repeat(images))
+                             + F.cross_entropy(column_guess, columns.repeat(images)))
+                loss = answers + PROBE_WEIGHT * cell_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(trained.values()), 1.0)
+            optimizer.step()
+            bar.set_postfix(answers=f"{answers.item():.3f}", cells=f"{cell_loss.item():.3f}")
+            log_file.write(json.dumps({"step": step, "answers": round(answers.item(), 4),
+                                       "cells": round(cell_loss.item(), 4),
+                                       "seconds": round(time.perf_counter() - started, 1)}) + "\n")
+            if (step + 1) % 500 == 0 or step + 1 == steps:
+                log_file.flush()
+                weights.save(model, out, {"seed": seed, "steps": step + 1, "batch": batch, "peak_lr": peak_lr})
+    print(f"{out}: {steps} steps in {time.perf_counter() - started:.0f} s; {batcher.unknown} conversations skipped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m qwen_vl.demo.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="the weights file to write (qwen_vl.demo.weights expands it)")
+    parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument("--batch", type=int, default=12, help="conversations per step")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, cosine decay)")
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train(args.out, args.steps, args.batch, args.seed, args.lr, args.warmup)
+
+
+if __name__ == "__main__":
+    main()

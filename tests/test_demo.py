@@ -1,0 +1,104 @@
+"""The demo model's training (qwen_vl.demo): it trains the function the plugin serves, on the full
+vocabulary's softmax, and writes a checkpoint in the original layout."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwen_vl.demo import weights
+from qwen_vl.demo.network import TrainableQwenVL
+from qwen_vl.demo.scenes import Scene, Shape
+from qwen_vl.demo.train import CELL_COLOURS, CELL_SHAPES, Batcher, Conversations, cell_labels, train
+from qwen_vl.model_executor.checkpoint import config_dict, write_checkpoint
+from qwen_vl.model_executor.tokenizer import IMG_PAD_ID
+from tests.reference import ReferenceQwenVL, read_checkpoint
+
+
+@pytest.fixture(scope="module")
+def demo_random(tmp_path_factory):
+    """A random checkpoint of the demo's sizes (float32), and one training conversation."""
+    path = write_checkpoint(tmp_path_factory.mktemp("demo-random"), preset="demo", seed=1, dtype="float32")
+    return path, next(Conversations("test"))
+
+
+def test_the_trained_network_computes_what_the_original_code_computes(demo_random):
+    path, example = demo_random
+    vocab = sorted(set(example.ids))
+    model = TrainableQwenVL(config_dict("demo"), vocab)
+    model.load_checkpoint_state(read_checkpoint(path))
+    reference = ReferenceQwenVL.from_pretrained(path)
+    batcher = Batcher(iter([example]), vocab, config_dict("demo")["vocab_size"], 224)
+    ids, image_positions, pixels, _, _ = batcher.batch(1)
+    with torch.no_grad():
+        ours = model.lm_head(model.hidden_states(ids, image_positions, model.transformer.visual(pixels)))[0]
+    expected = reference.logits(example.ids, example.images)[:, vocab]
+    assert len(example.images) >= 1 and (torch.tensor(example.ids) == IMG_PAD_ID).sum() == 256 * len(example.images)
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_training_loss_is_the_full_vocabulary_softmax(demo_random):
+    """With every row outside the vocabulary zero, the loss equals the served model's
+    151,936-way cross-entropy on the answer tokens."""
+    path, example = demo_random
+    vocab = sorted(set(example.ids))
+    state = read_checkpoint(path)
+    outside = torch.ones(state["lm_head.weight"].shape[0], dtype=torch.bool)
+    outside[vocab] = False
+    state["lm_head.weight"][outside] = 0
+    model = TrainableQwenVL(config_dict("demo"), vocab)
+    model.load_checkpoint_state(state)
+    reference = ReferenceQwenVL.from_pretrained(path)
+    with torch.no_grad():
+        reference.lm_head.weight[outside] = 0
+    batcher = Batcher(iter([example]), vocab, config_dict("demo")["vocab_size"], 224)
+    ids, image_positions, pixels, targets, _ = batcher.batch(1)
+    with torch.no_grad():
+        loss = model.loss(ids, image_positions, pixels, targets)
+    logits = reference.logits(example.ids, example.images)
+    answer = torch.tensor(example.answer)
+    positions = answer[1:].nonzero().flatten()
+    expected = F.cross_entropy(logits[positions], torch.tensor(example.ids)[positions + 1])
+    assert answer.sum() >= 3
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_training_writes_a_checkpoint_in_the_original_layout(tmp_path):
+    """Two steps of the real training loop; the file expands into a checkpoint the reference loads
+    strictly (no tensor missing or unused), with the trained rows in place and zeros elsewhere."""
+    shipped = tmp_path / "weights.safetensors"
+    train(shipped, steps=2, batch=2, seed=0, vocab_conversations=200)
+    checkpoint = weights.write_demo_checkpoint(tmp_path / "checkpoint", shipped)
+    state = read_checkpoint(checkpoint)
+    ReferenceQwenVL.from_pretrained(checkpoint)
+    assert weights.training_metadata(shipped)["steps"] == 2
+    used = state["lm_head.weight"].abs().sum(dim=1) > 0
+    assert 50 < int(used.sum()) < 1000 and state["lm_head.weight"].shape[0] == 151936
+
+
+def test_the_probe_labels_each_grid_cell_with_what_covers_it():
+    """The training-only probe's targets: row by row over the 16x16 grid the image is resized to."""
+    scene = Scene(320, 160, ("white", "white"), [Shape("red", "circle", (0, 0, 80, 80)),
+                                                   Shape("blue", "triangle", (160, 80, 320, 160))])
+    labels = cell_labels(scene).view(16, 16, 2)
+    assert labels[4, 2].tolist() == [CELL_SHAPES.index("circle"), CELL_COLOURS.index("red")]  # the circle's centre
+    assert labels[0, 0].tolist() == [0, 0]  # the circle's bounding box corner is background
+    assert labels[15, 12].tolist() == [CELL_SHAPES.index("triangle"), CELL_COLOURS.index("blue")]  # the base
+    assert labels[8, 8].tolist() == [0, 0]  # beside the apex, outside the triangle
+    assert labels[9, 12].tolist() == [CELL_SHAPES.index("triangle"), CELL_COLOURS.index("blue")]
+
+
+def test_the_plugin_serves_a_224_pixel_checkpoint_as_the_original_computes_it(demo_random):
+    """The demo's sizes through vLLM and the plugin (float32): the reference's greedy tokens, with
+    images resized to config.visual["image_size"] as the original's transform does."""
+    from vllm import LLM, SamplingParams
+
+    path, example = demo_random
+    prompt = example.ids[:example.answer.index(True)]  # the conversation up to its first answer
+    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, seed=0)
+    try:
+        output = llm.generate([{"prompt_token_ids": prompt, "multi_modal_data": {"image": example.images}}],
+                              SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    expected, _ = ReferenceQwenVL.from_pretrained(path).generate_greedy(prompt, example.images, max_new_tokens=8)
+    assert list(output[0].outputs[0].token_ids) == expected
