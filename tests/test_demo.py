@@ -13,22 +13,27 @@ from qwen_vl.model_executor.checkpoint import config_dict, write_checkpoint
 from qwen_vl.model_executor.tokenizer import IMG_PAD_ID
 from tests.reference import ReferenceQwenVL, read_checkpoint
 
+DEMO = config_dict("demo")
+
 
 @pytest.fixture(scope="module")
 def demo_random(tmp_path_factory):
-    """A random checkpoint of the demo's sizes (float32), and one training conversation."""
+    """A random checkpoint of the demo's sizes (float32), one training conversation, and the
+    reference on that checkpoint."""
     path = write_checkpoint(tmp_path_factory.mktemp("demo-random"), preset="demo", seed=1, dtype="float32")
-    return path, next(Conversations("test"))
+    return path, next(Conversations("test")), ReferenceQwenVL.from_pretrained(path)
+
+
+def one_batch(example, vocab):
+    return Batcher(iter([example]), vocab, DEMO["vocab_size"], DEMO["visual"]["image_size"]).batch(1)
 
 
 def test_the_trained_network_computes_what_the_original_code_computes(demo_random):
-    path, example = demo_random
+    path, example, reference = demo_random
     vocab = sorted(set(example.ids))
-    model = TrainableQwenVL(config_dict("demo"), vocab)
+    model = TrainableQwenVL(DEMO, vocab)
     model.load_checkpoint_state(read_checkpoint(path))
-    reference = ReferenceQwenVL.from_pretrained(path)
-    batcher = Batcher(iter([example]), vocab, config_dict("demo")["vocab_size"], 224)
-    ids, image_positions, pixels, _, _ = batcher.batch(1)
+    ids, image_positions, pixels, _, _ = one_batch(example, vocab)
     with torch.no_grad():
         ours = model.lm_head(model.hidden_states(ids, image_positions, model.transformer.visual(pixels)))[0]
     expected = reference.logits(example.ids, example.images)[:, vocab]
@@ -39,22 +44,19 @@ def test_the_trained_network_computes_what_the_original_code_computes(demo_rando
 def test_the_training_loss_is_the_full_vocabulary_softmax(demo_random):
     """With every row outside the vocabulary zero, the loss equals the served model's
     151,936-way cross-entropy on the answer tokens."""
-    path, example = demo_random
+    path, example, reference = demo_random
     vocab = sorted(set(example.ids))
     state = read_checkpoint(path)
     outside = torch.ones(state["lm_head.weight"].shape[0], dtype=torch.bool)
     outside[vocab] = False
     state["lm_head.weight"][outside] = 0
-    model = TrainableQwenVL(config_dict("demo"), vocab)
+    model = TrainableQwenVL(DEMO, vocab)
     model.load_checkpoint_state(state)
-    reference = ReferenceQwenVL.from_pretrained(path)
-    with torch.no_grad():
-        reference.lm_head.weight[outside] = 0
-    batcher = Batcher(iter([example]), vocab, config_dict("demo")["vocab_size"], 224)
-    ids, image_positions, pixels, targets, _ = batcher.batch(1)
+    ids, image_positions, pixels, targets, _ = one_batch(example, vocab)
     with torch.no_grad():
         loss = model.loss(ids, image_positions, pixels, targets)
     logits = reference.logits(example.ids, example.images)
+    logits = logits.masked_fill(outside, 0)  # what a zero LM-head row gives
     answer = torch.tensor(example.answer)
     positions = answer[1:].nonzero().flatten()
     expected = F.cross_entropy(logits[positions], torch.tensor(example.ids)[positions + 1])
@@ -92,7 +94,7 @@ def test_the_plugin_serves_a_224_pixel_checkpoint_as_the_original_computes_it(de
     images resized to config.visual["image_size"] as the original's transform does."""
     from vllm import LLM, SamplingParams
 
-    path, example = demo_random
+    path, example, reference = demo_random
     prompt = example.ids[:example.answer.index(True)]  # the conversation up to its first answer
     llm = LLM(model=str(path), dtype="float32", enforce_eager=True, seed=0)
     try:
@@ -100,5 +102,5 @@ def test_the_plugin_serves_a_224_pixel_checkpoint_as_the_original_computes_it(de
                               SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     finally:
         llm.llm_engine.engine_core.shutdown()
-    expected, _ = ReferenceQwenVL.from_pretrained(path).generate_greedy(prompt, example.images, max_new_tokens=8)
+    expected, _ = reference.generate_greedy(prompt, example.images, max_new_tokens=8)
     assert list(output[0].outputs[0].token_ids) == expected

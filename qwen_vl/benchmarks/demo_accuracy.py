@@ -100,12 +100,9 @@ def report(results: list[Asked]) -> str:
     lines = [f"{'question':<10} {'correct':>9} {'share':>7} {'target':>7}"]
     for kind, (right, total) in table.items():
         base = kind.removesuffix("_zh")
-        target = TARGETS[base] if kind == base else None
-        english = table.get(base)
-        if kind != base and english:
-            target_text = f">={english[0] / english[1] - CHINESE_GAP:.0%}"
-        else:
-            target_text = f">={target:.0%}"
+        # A Chinese question's target is its English twin's share, less the gap.
+        target = table[base][0] / table[base][1] - CHINESE_GAP if kind != base and base in table else TARGETS[base]
+        target_text = f">={target:.0%}"
         lines.append(f"{kind:<10} {right:>4}/{total:<4} {right / total:>7.1%} {target_text:>7}")
     return "\n".join(lines)
 

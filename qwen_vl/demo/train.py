@@ -3,7 +3,7 @@
     python -m qwen_vl.demo.train OUT_FILE [--steps 2400] [--batch 12] [--seed 0] [--threads N]
 
 Each step draws fresh conversations (qwen_vl.demo.scenes.training_scene, one random stream per
-run): a scene, one to four questions about it in Qwen-VL-Chat's chat format, built by the same
+run): a scene, one to eight questions about it in Qwen-VL-Chat's chat format, built by the same
 prompt builder as the server (so the ids are exactly what a request produces), or two scenes and
 "Which picture shows a ...?". The loss is the answers' tokens. Words are spelled one letter per
 token: the tokenizer splits random capitals into arbitrary pieces, and letters decode to the
