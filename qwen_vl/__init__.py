@@ -5,11 +5,20 @@ under the bare name `model_executor` (a LazyLoader in `vllm/config/model.py`),
 so a top-level package of that name is shadowed once vLLM has loaded a model
 config. Under `qwen_vl.` our names cannot collide.
 
-    model_executor/  the vLLM plugin: network, processor, tokenizer, weights
-    api/             wire protocol, chat-to-prompt, images, grounding
-    server/          process, settings, engine lifecycle, metrics
-    benchmarks/      load generator and side-by-side peers
-    demo/            the demo model's scenes, training and weights (uses model_executor)
+Its parts, each importing only those listed below it (nothing imports upward; `benchmarks`
+and `demo` are users of the rest, and nothing in the serving path imports them):
+
+    benchmarks/      load tests and peers side by side, on a shared harness (harness.py)
+    demo/            the demo model: scenes, questions, training, its weights file
+    server/          the process: settings (flags, variables), CPU set-up, `python -m qwen_vl.server`
+    api/             the HTTP API: wire protocol, routers, chat-to-prompt, images, grounding
+    engine/          vLLM's async engine for the server: lifecycle, scheduling, metrics
+    testing/         the plain-PyTorch reference and the checkpoint writer (tests, benchmarks, the
+                     built-in demo checkpoint)
+    model_executor/  the vLLM plugin: network, processor, tokenizer, weights, the checkpoint's
+                     facts, and the hooks into vLLM (listed in its docstring)
+    options.py       how a setting is declared once (flag, variable, typed field)
+    cache.py         where generated files are kept
 """
 
 import os

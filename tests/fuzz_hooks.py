@@ -13,9 +13,8 @@ import schemathesis
 from PIL import Image
 from schemathesis import GenerationMode
 
-from tests.images import data_url
+from tests.helpers import SERVED_MODEL, data_url
 
-SERVED_MODEL = "qwen-vl-tiny"
 MAX_TOKENS = 2
 MAX_IMAGES = 4  # the server's --max-images-per-request in the tests
 

@@ -13,10 +13,8 @@ import pytest
 
 from qwen_vl.api.grounding import parse_grounding
 from qwen_vl.model_executor.tokenizer import ENDOFTEXT_ID, IM_END_ID, IMG_PAD_ID
-from tests.conftest import API_KEY, SERVED_MODEL, assert_error, chat_body
-from tests.images import data_url, pattern_image
+from tests.helpers import AUTH, SERVED_MODEL, assert_error, chat_body, data_url, image_part, pattern_image, post
 
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
 # Qwen-VL's grounding markup, as the playground's "ground" toggle asks for it.
 BOX_REGEX = r"<ref>[a-z ]{1,16}</ref><box>\(\d{1,3},\d{1,3}\),\(\d{1,3},\d{1,3}\)</box>"
 PERSON = {
@@ -27,10 +25,6 @@ PERSON = {
 }
 
 
-def post(server: str, path: str, body: dict) -> httpx.Response:
-    return httpx.post(f"{server}{path}", json=body, headers=AUTH, timeout=120)
-
-
 def ok(server: str, path: str, body: dict) -> dict:
     response = post(server, path, body)
     assert response.status_code == 200, response.text
@@ -38,8 +32,7 @@ def ok(server: str, path: str, body: dict) -> dict:
 
 
 IMAGE = pattern_image(3, (640, 480))
-IMAGE_QUESTION = [{"type": "image_url", "image_url": {"url": data_url(IMAGE)}},
-                  {"type": "text", "text": "Where is the wave? Answer with a box."}]
+IMAGE_QUESTION = [image_part(data_url(IMAGE)), {"type": "text", "text": "Where is the wave? Answer with a box."}]
 
 
 # ---- structured output ---------------------------------------------------------

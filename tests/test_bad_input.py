@@ -18,22 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import API_KEY, SERVED_MODEL, assert_error, chat_body
-from tests.images import data_url, pattern_image
-
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-def post(server: str, path: str, body=None, *, content: bytes | None = None) -> httpx.Response:
-    if content is None:
-        content = json.dumps(body).encode()
-    headers = {**AUTH, "Content-Type": "application/json"}
-    return httpx.post(f"{server}{path}", content=content, headers=headers, timeout=120)
-
-
-def with_image(data: bytes, mime: str = "image/png", **fields) -> dict:
-    parts = [{"type": "image_url", "image_url": {"url": data_url(data, mime)}}, {"type": "text", "text": "What is this?"}]
-    return chat_body(parts, **fields)
+from tests.helpers import MAX_TOKENS, SERVED_MODEL, assert_error, chat_body, data_url, image_part, offline_answer, pattern_image, post, with_image
 
 
 def encoded(image: Image.Image, format: str, **options) -> bytes:
@@ -58,37 +43,37 @@ def png_claiming(width: int, height: int) -> bytes:
 
 def test_a_truncated_png_is_an_invalid_image(server):
     whole = encoded(pattern_image(10, (128, 128)), "PNG")
-    response = post(server, "/v1/chat/completions", with_image(whole[: len(whole) // 2]))
+    response = post(server, "/v1/chat/completions", with_image(data_url(whole[: len(whole) // 2])))
     assert_error(response, 400, code="invalid_image", says="image 1: image data is corrupt or truncated")
 
 
 def test_random_bytes_are_an_invalid_image(server):
     garbage = random.Random(0).randbytes(4096)
-    response = post(server, "/v1/chat/completions", with_image(garbage))
+    response = post(server, "/v1/chat/completions", with_image(data_url(garbage)))
     assert_error(response, 400, code="invalid_image", says="image 1: image is not a valid")
 
 
 def test_an_image_of_zero_by_zero_pixels_is_an_invalid_image(server):
-    response = post(server, "/v1/chat/completions", with_image(png_claiming(0, 0)))
+    response = post(server, "/v1/chat/completions", with_image(data_url(png_claiming(0, 0))))
     assert_error(response, 400, code="invalid_image", says="image 1:")
 
 
 def test_a_one_by_100000_strip_is_too_large(server):
     strip = encoded(Image.new("L", (1, 100_000)), "PNG")
-    response = post(server, "/v1/chat/completions", with_image(strip))
+    response = post(server, "/v1/chat/completions", with_image(data_url(strip)))
     assert_error(response, 400, code="image_too_large", says="side is longer than 20000 pixels (1x100000)")
 
 
 def test_a_few_bytes_claiming_20000_by_20000_pixels_are_too_large(server):
     bomb = png_claiming(20_000, 20_000)
     assert len(bomb) < 200
-    response = post(server, "/v1/chat/completions", with_image(bomb))
+    response = post(server, "/v1/chat/completions", with_image(data_url(bomb)))
     assert_error(response, 400, code="image_too_large", says="more than 40000000 pixels")
 
 
 def test_non_ascii_characters_in_a_data_url_are_not_base64(server):
     url = "data:image/png;base64,iVBOR\u00e9w0KGgo="
-    body = chat_body([{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Hi"}])
+    body = chat_body([image_part(url), {"type": "text", "text": "Hi"}])
     assert_error(post(server, "/v1/chat/completions", body), 400, code="invalid_image", says="not valid base64")
 
 
@@ -144,7 +129,7 @@ def test_an_image_format_is_answered_as_its_rgb_pixels(server, make, mime, mode)
     assert original.mode == mode  # the format really is the one named
     as_rgb_png = encoded(original.convert("RGB"), "PNG")  # the first frame, for an animation
     fields = {"temperature": 0, "max_tokens": 8, "ignore_eos": True}
-    assert answer(server, with_image(data, mime, **fields)) == answer(server, with_image(as_rgb_png, **fields))
+    assert answer(server, with_image(data_url(data, mime), **fields)) == answer(server, with_image(data_url(as_rgb_png), **fields))
 
 
 # ---- JSON pathologies ------------------------------------------------------------
@@ -231,7 +216,7 @@ def test_roles_qwen_vl_chat_does_not_have_are_refused(server, role):
 
 
 @pytest.mark.parametrize("part", ["just a string", {"text": "no type"}, {"type": "input_audio", "input_audio": {}},
-                                  {"type": "image_url", "image_url": {"url": ""}}])
+                                  image_part("")])
 def test_content_parts_that_are_not_text_or_image_are_refused(server, part):
     response = post(server, "/v1/chat/completions", chat_body([part]))
     assert response.status_code == 400, response.text
@@ -241,8 +226,12 @@ def test_content_parts_that_are_not_text_or_image_are_refused(server, part):
 
 
 @pytest.mark.parametrize("content", [None, "", []], ids=["null", "empty string", "no parts"])
-def test_an_empty_user_message_is_answered(server, content):
-    assert answer(server, chat_body(content)) is not None
+def test_an_empty_user_message_is_answered_as_the_original_answers_an_empty_query(server, content, engine, ref_tokenizer):
+    prompt_ids = ref_tokenizer.make_context("")
+    response = post(server, "/v1/chat/completions", chat_body(content, temperature=0, max_tokens=MAX_TOKENS))
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["prompt_tokens"] == len(prompt_ids)
+    assert response.json()["choices"][0]["message"]["content"] == offline_answer(engine, prompt_ids, [])
 
 
 def test_a_conversation_of_only_a_system_message_is_refused(server):

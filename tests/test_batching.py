@@ -4,7 +4,7 @@ caching at vLLM's defaults) give exactly what each gives alone."""
 
 from vllm import SamplingParams
 
-from tests.images import pattern_image
+from tests.helpers import pattern_image
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 

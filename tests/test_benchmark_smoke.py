@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import API_KEY, SERVED_MODEL
+from tests.helpers import API_KEY, SERVED_MODEL
 
 # `vllm bench serve`'s key names, which BENCHMARKS.md and the plots read.
 EXPECTED_KEYS = {

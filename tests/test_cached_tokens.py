@@ -10,15 +10,12 @@ import uuid
 import httpx
 import pytest
 
-from tests.conftest import API_KEY, SERVED_MODEL
-from tests.images import data_url, pattern_image
-
-HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+from tests.helpers import AUTH, SERVED_MODEL, data_url, image_part, pattern_image, post
 
 
 def chat_request(seed: int) -> tuple[str, dict]:
     """A chat no other test sends: its own image and text."""
-    content = [{"type": "image_url", "image_url": {"url": data_url(pattern_image(seed, (320, 240)))}},
+    content = [image_part(data_url(pattern_image(seed, (320, 240)))),
                {"type": "text", "text": f"What is in picture {uuid.uuid4().hex}?"}]
     return "/v1/chat/completions", {"model": SERVED_MODEL, "messages": [{"role": "user", "content": content}]}
 
@@ -32,11 +29,11 @@ def completion_request(seed: int) -> tuple[str, dict]:
 def usage_of(server: str, path: str, body: dict, stream: bool) -> dict:
     body = {**body, "max_tokens": 2, "temperature": 0}
     if not stream:
-        response = httpx.post(f"{server}{path}", json=body, headers=HEADERS, timeout=120)
+        response = post(server, path, body)
         assert response.status_code == 200, response.text
         return response.json()["usage"]
     body |= {"stream": True, "stream_options": {"include_usage": True}}
-    with httpx.stream("POST", f"{server}{path}", json=body, headers=HEADERS, timeout=120) as response:
+    with httpx.stream("POST", f"{server}{path}", json=body, headers=AUTH, timeout=120) as response:
         assert response.status_code == 200, response.read()
         events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qwen_vl.model_executor import checkpoint
-from qwen_vl.model_executor.checkpoint import demo_checkpoint, sincos_table, write_checkpoint
 from qwen_vl.model_executor.tokenizer import VOCAB_SIZE
+from qwen_vl.testing import checkpoint
+from qwen_vl.testing.checkpoint import demo_checkpoint, sincos_table, write_checkpoint
 
 REAL = Path(__file__).parent / "data" / "qwen-vl-chat"
 

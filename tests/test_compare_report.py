@@ -1,5 +1,5 @@
 """The side-by-side report's machine figures (qwen_vl.benchmarks.compare): the MFU of each run and
-what issue 10's 1.3x over vLLM 0.23 would take on the machine that ran it. Synthetic runs: these
+what the target of 1.3x vLLM 0.23's output would take on the machine that ran it. Synthetic runs: these
 check the arithmetic and the wiring, never a timing. Each level also gets its share of the roofline."""
 
 import pytest
@@ -40,7 +40,7 @@ def test_the_roofline_share_is_the_runs_least_time_over_its_time(limits):
     assert compare.roofline_share(limits, r, 16) <= compare.roofline_share(limits, r, 4)
 
 
-def test_issue_10_lines_say_what_1_3x_would_take(limits):
+def test_the_lines_against_vllm023_say_what_1_3x_would_take(limits):
     peer_one = run("vllm023", 1, 8, 24.0)
     for key, failed in (("input_lens", 0), ("output_lens", 0), ("input_images", 0), ("request_errors", "http_503")):
         peer_one[key] = peer_one[key] + [failed]  # a failed request: no part of the single-stream ceiling

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import API_KEY, SERVED_MODEL, environment_variable, start_server, stop_server
-from tests.test_parity import assert_server_matches_reference
+from tests.helpers import assert_server_matches_reference, environment_variable, start_server
 
 
 def amd_with_avx512() -> bool:
@@ -57,12 +56,12 @@ def opted_out_server(tiny_checkpoint, tmp_path_factory):
         pytest.skip("not an AMD CPU with AVX-512: vLLM's CpuPlatform is already the default, tested everywhere")
     log = tmp_path_factory.mktemp("oneDNN") / "server.log"
     with environment_variable("QWEN_VL_ZENTORCH", "0"):
-        process, url = start_server(tiny_checkpoint, log)
-    yield url, log
-    stop_server(process)
+        server = start_server(tiny_checkpoint, log)
+    yield server.url, log
+    server.stop()
 
 
 def test_opted_out_server_matches_reference(opted_out_server, ref_tokenizer, reference):
     url, log = opted_out_server
     assert "vLLM platform: CpuPlatform" in log.read_text()
-    assert_server_matches_reference(url, SERVED_MODEL, API_KEY, ref_tokenizer, reference)
+    assert_server_matches_reference(url, ref_tokenizer, reference)

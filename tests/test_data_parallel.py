@@ -7,16 +7,15 @@ import asyncio
 import httpx
 import pytest
 
-from tests.conftest import API_KEY, SERVED_MODEL, start_server, stop_server
-from tests.test_parity import assert_server_matches_reference, chat_case
+from tests.helpers import AUTH, SERVED_MODEL, assert_server_matches_reference, chat_case, start_server
 
 
 @pytest.fixture(scope="module")
 def dp_server(tiny_checkpoint, tmp_path_factory):
     log = tmp_path_factory.mktemp("dp") / "server.log"
-    process, url = start_server(tiny_checkpoint, log, "--data-parallel-size", "2", "--max-model-len", "2048")
-    yield url, log
-    stop_server(process)
+    server = start_server(tiny_checkpoint, log, "--data-parallel-size", "2", "--max-model-len", "2048")
+    yield server.url, log
+    server.stop()
 
 
 def test_two_replicas_start_each_on_its_own_core(dp_server):
@@ -28,7 +27,7 @@ def test_two_replicas_start_each_on_its_own_core(dp_server):
 
 def test_data_parallel_answer_matches_reference(dp_server, ref_tokenizer, reference):
     url, _ = dp_server
-    assert_server_matches_reference(url, SERVED_MODEL, API_KEY, ref_tokenizer, reference)
+    assert_server_matches_reference(url, ref_tokenizer, reference)
 
 
 def test_concurrent_requests_across_replicas_all_give_the_same_answer(dp_server, ref_tokenizer):
@@ -37,7 +36,7 @@ def test_concurrent_requests_across_replicas_all_give_the_same_answer(dp_server,
     body = {"model": SERVED_MODEL, **body, "logprobs": False, "top_logprobs": None}
 
     async def ask_all(n: int) -> list[str]:
-        async with httpx.AsyncClient(timeout=600, headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+        async with httpx.AsyncClient(timeout=600, headers=AUTH) as client:
             responses = await asyncio.gather(*(client.post(f"{url}/v1/chat/completions", json=body) for _ in range(n)))
         assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
         return [r.json()["choices"][0]["message"]["content"] for r in responses]

@@ -9,9 +9,9 @@ from qwen_vl.demo import weights
 from qwen_vl.demo.network import TrainableQwenVL
 from qwen_vl.demo.scenes import Scene, Shape
 from qwen_vl.demo.train import CELL_COLOURS, CELL_SHAPES, Batcher, Conversations, cell_labels, train
-from qwen_vl.model_executor.checkpoint import config_dict, write_checkpoint
 from qwen_vl.model_executor.tokenizer import IMG_PAD_ID
-from tests.reference import ReferenceQwenVL, read_checkpoint
+from qwen_vl.testing.checkpoint import config_dict, write_checkpoint
+from qwen_vl.testing.reference import ReferenceQwenVL, read_checkpoint
 
 DEMO = config_dict("demo")
 

@@ -84,8 +84,41 @@ def test_the_entry_command_parses_help(plain_help):
     assert "--tensor-parallel-size" in plain_help
 
 
-def test_plain_help_says_where_the_environment_variables_are(plain_help):
-    assert "QWEN_VL_" in plain_help
+def help_entries(text: str) -> dict[str, str]:
+    """--help's option entries: the first long flag of each -> its entry, lines joined."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            current = re.findall(r"--[\w-]+", line)[0]
+            entries[current] = line.strip()
+        elif current is not None and line.startswith("   "):
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return entries
+
+
+def test_plain_help_names_each_flags_environment_variable(plain_help):
+    """QWEN_VL_ + the flag's name in capitals, dashes as underscores, beside every flag."""
+    entries = help_entries(plain_help)
+    assert {"--port", "--api-key", "--no-playground", "--max-model-len", "--tensor-parallel-size"} <= entries.keys()
+    for flag, entry in entries.items():
+        if flag != "--help":
+            assert f"[env QWEN_VL_{flag[2:].upper().replace('-', '_')}]" in entry, entry
+
+
+def test_an_environment_variable_sets_its_flags_value_and_the_flag_beats_it(monkeypatch):
+    from qwen_vl.server.settings import build_parser
+
+    for name, value in {"QWEN_VL_PORT": "9123", "QWEN_VL_MAX_MODEL_LEN": "1024", "QWEN_VL_API_KEY": "one two",
+                        "QWEN_VL_NO_PLAYGROUND": "yes", "QWEN_VL_ENFORCE_EAGER": "1", "QWEN_VL_CPU_PRELOAD": "0"}.items():
+        monkeypatch.setenv(name, value)
+    args = build_parser().parse_args([])
+    # Each read as its flag's type: a number, a list (space-separated), a switch (1/0, yes/no, ...).
+    assert (args.port, args.max_model_len, args.api_key) == (9123, 1024, ["one", "two"])
+    assert (args.no_playground, args.enforce_eager, args.cpu_preload) == (True, True, False)
+    flags = build_parser().parse_args(["--port", "9000", "--cpu-preload", "--no-enforce-eager"])
+    assert (flags.port, flags.cpu_preload, flags.enforce_eager) == (9000, True, False)
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import schemathesis
 
-from tests.conftest import API_KEY
+from tests.helpers import API_KEY
 
 MAX_EXAMPLES = 25
 OPERATIONS = [

@@ -23,7 +23,7 @@ from PIL import Image
 
 from qwen_vl.api import images
 from qwen_vl.api.images import ImageError, ImageLimits, is_public_address, load_image, load_images
-from tests.images import data_url, turned_photo
+from tests.helpers import data_url, turned_photo
 
 LOCAL = ImageLimits(allow_private_networks=True)
 

@@ -10,11 +10,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 
 from qwen_vl.engine.engine import engine_config
 from qwen_vl.server.settings import build_parser, parse
-from tests.conftest import API_KEY, SERVED_MODEL, start_server, stop_server
-from tests.images import data_url, pattern_image
-from tests.test_server_chat import OFFLINE_GREEDY, image_part, offline_answer
-
-MAX_TOKENS = OFFLINE_GREEDY.max_tokens
+from tests.helpers import API_KEY, MAX_TOKENS, SERVED_MODEL, data_url, image_part, offline_answer, pattern_image, start_server
 
 
 @pytest.mark.parametrize(("flags", "says"), [
@@ -42,9 +38,9 @@ def test_the_engine_configuration_carries_the_image_budget(tiny_checkpoint, imag
 @pytest.fixture(scope="module")
 def one_image_server(tiny_checkpoint, tmp_path_factory):
     log = tmp_path_factory.mktemp("one-image") / "server.log"
-    process, url = start_server(tiny_checkpoint, log, "--images-per-step", "1")
-    yield url, log
-    stop_server(process)
+    server = start_server(tiny_checkpoint, log, "--images-per-step", "1")
+    yield server.url, log
+    server.stop()
 
 
 @pytest.fixture(scope="module")

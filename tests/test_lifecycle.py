@@ -11,9 +11,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import API_KEY, SERVED_MODEL, start_server, stop_server
-
-HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+from tests.helpers import AUTH, SERVED_MODEL, post, start_server
 
 
 def long_request(max_tokens: int = 200, stream: bool = False) -> dict:
@@ -22,10 +20,10 @@ def long_request(max_tokens: int = 200, stream: bool = False) -> dict:
 
 
 def test_beyond_the_pending_bound_requests_get_503_with_retry_after(tiny_checkpoint, tmp_path):
-    process, url = start_server(tiny_checkpoint, tmp_path / "log", "--max-pending-requests", "2")
+    server = start_server(tiny_checkpoint, tmp_path / "log", "--max-pending-requests", "2")
     try:
         async def burst():
-            async with httpx.AsyncClient(base_url=url, headers=HEADERS, timeout=120) as client:
+            async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=120) as client:
                 return await asyncio.gather(*(client.post("/v1/chat/completions", json=long_request(60))
                                               for _ in range(8)))
 
@@ -40,15 +38,16 @@ def test_beyond_the_pending_bound_requests_get_503_with_retry_after(tiny_checkpo
             else:
                 assert r.json()["usage"]["completion_tokens"] == 60
         # Once the burst is over, requests are admitted again.
-        assert httpx.post(f"{url}/v1/chat/completions", json=long_request(4), headers=HEADERS).status_code == 200
+        assert post(server.url, "/v1/chat/completions", long_request(4)).status_code == 200
     finally:
-        stop_server(process)
+        server.stop()
 
 
 def test_sigterm_lets_requests_in_flight_finish_then_exits_0(tiny_checkpoint, tmp_path):
-    process, url = start_server(tiny_checkpoint, tmp_path / "log", "--shutdown-grace-period", "60")
+    server = start_server(tiny_checkpoint, tmp_path / "log", "--shutdown-grace-period", "60")
+    process, url = server.process, server.url
     tokens = []
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=long_request(120, stream=True), headers=HEADERS,
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=long_request(120, stream=True), headers=AUTH,
                       timeout=120) as response:
         lines = response.iter_lines()
         for line in lines:
@@ -94,7 +93,7 @@ def test_idle_server_stops_cleanly_on_sigterm(tiny_checkpoint, tmp_path, monkeyp
     (tmp_path / "sitecustomize.py").write_text(TEARDOWN_PROBE.format(directory=str(probes)))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
     log = tmp_path / "log"
-    process, url = start_server(tiny_checkpoint, log)
+    process = start_server(tiny_checkpoint, log).process
     children = psutil.Process(process.pid).children(recursive=True)
     engine = {p.pid for p in children if p.name().startswith("VLLM::")}
     assert len(engine) >= 2, [p.cmdline() for p in children]  # EngineCore and its worker
@@ -111,7 +110,8 @@ def test_idle_server_stops_cleanly_on_sigterm(tiny_checkpoint, tmp_path, monkeyp
 
 
 def test_engine_death_turns_health_and_requests_into_503_then_exits_nonzero(tiny_checkpoint, tmp_path):
-    process, url = start_server(tiny_checkpoint, tmp_path / "log")
+    server = start_server(tiny_checkpoint, tmp_path / "log")
+    process, url = server.process, server.url
     try:
         engine_core = [p for p in psutil.Process(process.pid).children(recursive=True)
                        if "EngineCore" in " ".join(p.cmdline()) or p.name().startswith("VLLM::EngineCor")]
@@ -123,11 +123,10 @@ def test_engine_death_turns_health_and_requests_into_503_then_exits_nonzero(tiny
             assert time.monotonic() < deadline, "/health still 200 ten seconds after the engine died"
             time.sleep(0.2)
         started = time.monotonic()
-        response = httpx.post(f"{url}/v1/chat/completions", json=long_request(8), headers=HEADERS, timeout=30)
+        response = post(url, "/v1/chat/completions", long_request(8), timeout=30)
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "engine_unavailable"
         assert time.monotonic() - started < 5
         assert process.wait(timeout=60) != 0
     finally:
-        if process.poll() is None:
-            process.kill()
+        server.stop()

@@ -10,7 +10,7 @@ import sys
 from safetensors.torch import load_file, save_file
 from vllm import LLM, SamplingParams
 
-from tests.images import pattern_image
+from tests.helpers import pattern_image
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=20)
 PROMPT = "<|im_start|>user\nPicture 1: <img></img>\nWhat is this?<|im_end|>\n<|im_start|>assistant\n"

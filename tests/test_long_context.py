@@ -3,27 +3,16 @@ dynamic NTK: each prompt's alpha comes from its whole length, decoding keeps
 it, batching and chunked prefill do not mix alphas, and the prefix cache never
 hands keys computed under one alpha to a request under another."""
 
-import random
 
 import pytest
 from vllm import SamplingParams
 
 from qwen_vl.model_executor.config import QWenConfig
-from tests.conftest import SERVED_MODEL
-from tests.images import pattern_image
-from tests.reference import ntk_alpha as reference_ntk_alpha
+from qwen_vl.testing.reference import ntk_alpha as reference_ntk_alpha
+from tests.helpers import SERVED_MODEL, data_url, image_part, offline_answer, pattern_image, words
 
 TOP_LOGPROBS = 20
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=TOP_LOGPROBS)
-WORDS = ("apple river blue seven house quick light stone we go north paper tree cold open "
-         "music green yellow happy small window bridge cloud sand fire").split()
-
-
-def words(n: int, seed: int) -> str:
-    rng = random.Random(seed)
-    return " ".join(rng.choice(WORDS) for _ in range(n))
-
-
 def text_of_length(tok, length: int, seed: int) -> list[int]:
     """A chat prompt of exactly `length` ids."""
     n = length
@@ -182,9 +171,6 @@ def test_prompts_of_one_alpha_share_their_cached_prefix(shared_prefix_prompts, e
 
 
 def test_a_long_chat_with_image_turns_through_the_server_equals_offline_greedy(client, engine, ref_tokenizer):
-    from tests.images import data_url
-    from tests.test_server_chat import image_part, offline_answer
-
     first, second, third = (pattern_image(500 + i, (400, 300)) for i in range(3))
     turns = [("Describe both. " + words(900, 30), words(300, 31)), ("And now? " + words(700, 32), words(200, 33))]
     history = [

@@ -3,15 +3,12 @@
 answer (float32, the reference on the tiny checkpoint); one more than the context holds is a 400.
 A configured --max-images-per-request refuses beyond it (test_server_errors)."""
 
-import httpx
 import pytest
 
-from qwen_vl.api.app import max_images
+from qwen_vl.api.state import max_images
 from qwen_vl.model_executor.tokenizer import IM_END_ID, IM_START_ID
-from tests.conftest import API_KEY, SERVED_MODEL, assert_error, start_server, stop_server
-from tests.images import data_url, pattern_image
+from tests.helpers import SERVED_MODEL, assert_error, data_url, image_part, pattern_image, post, start_server
 
-HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 QUESTION = "Which of these pictures is the brightest?"
 MAX_TOKENS = 16
 
@@ -19,13 +16,13 @@ MAX_TOKENS = 16
 @pytest.fixture(scope="module")
 def default_server(tiny_checkpoint, tmp_path_factory):
     log = tmp_path_factory.mktemp("many-images") / "server.log"
-    process, url = start_server(tiny_checkpoint, log)
-    yield url, log
-    stop_server(process)
+    server = start_server(tiny_checkpoint, log)
+    yield server.url, log
+    server.stop()
 
 
 def chat(images: list) -> dict:
-    content = [{"type": "image_url", "image_url": {"url": data_url(image)}} for image in images]
+    content = [image_part(data_url(image)) for image in images]
     return {"model": SERVED_MODEL, "temperature": 0, "max_tokens": MAX_TOKENS,
             "messages": [{"role": "user", "content": [*content, {"type": "text", "text": QUESTION}]}]}
 
@@ -43,8 +40,7 @@ def test_many_images_at_the_defaults_give_the_original_answer(count, default_ser
     tokens = reference.generate(prompt_ids, images, max_new_tokens=MAX_TOKENS, stop_ids=(IM_END_ID, IM_START_ID))
     expected = ref_tokenizer.decode([t for t in tokens if t not in (IM_END_ID, IM_START_ID)]).strip()
 
-    response = httpx.post(f"{default_server[0]}/v1/chat/completions", json=chat(images), headers=HEADERS,
-                          timeout=600)
+    response = post(default_server[0], "/v1/chat/completions", chat(images), timeout=600)
     assert response.status_code == 200, response.text
     answer = response.json()
     assert answer["usage"]["prompt_tokens"] == len(prompt_ids) > count * 258
@@ -54,7 +50,6 @@ def test_many_images_at_the_defaults_give_the_original_answer(count, default_ser
 def test_one_image_past_the_context_is_refused(default_server):
     # 32 images: 8256 positions, before any text; the context check answers first.
     images = [pattern_image(700, (64, 64))] * 32
-    response = httpx.post(f"{default_server[0]}/v1/chat/completions", json=chat(images), headers=HEADERS,
-                          timeout=60)
+    response = post(default_server[0], "/v1/chat/completions", chat(images), timeout=60)
     assert_error(response, 400, code="context_length_exceeded", param="messages",
                  says="(258 per image) but the model's context is 8192 tokens")

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from tests.conftest import API_KEY, SERVED_MODEL, free_port, start_server, stop_server
-from tests.test_parity import assert_server_matches_reference
+from qwen_vl.benchmarks.harness import free_port, stop
+from tests.helpers import assert_server_matches_reference, start_server
 
 
 @pytest.fixture(scope="module")
@@ -28,20 +28,20 @@ def two_nodes(tiny_checkpoint, tmp_path_factory):
                 [sys.executable, "-m", "qwen_vl.server", "--headless", "--model", str(tiny_checkpoint),
                  "--dtype", "float32", "--seed", "0", *cluster, "--node-rank", "1",
                  "--cpu-threads-bind", "1"],
-                stdout=out, stderr=subprocess.STDOUT,
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )
         try:
-            node0, url = start_server(tiny_checkpoint, logs / "node0.log", *cluster, "--node-rank", "0",
-                                      "--cpu-threads-bind", "0", eager=False)
+            node0 = start_server(tiny_checkpoint, logs / "node0.log", *cluster, "--node-rank", "0",
+                                 "--cpu-threads-bind", "0", eager=False)
         except BaseException:
-            node1.kill()
+            stop(node1)
             raise
-    yield url, node1
-    stop_server(node0)
-    stop_server(node1)
+    yield node0.url, node1
+    node0.stop()
+    stop(node1)
 
 
 def test_tensor_parallel_across_two_nodes_matches_reference(two_nodes, ref_tokenizer, reference):
     url, node1 = two_nodes
     assert node1.poll() is None, "the headless node exited"
-    assert_server_matches_reference(url, SERVED_MODEL, API_KEY, ref_tokenizer, reference)
+    assert_server_matches_reference(url, ref_tokenizer, reference)

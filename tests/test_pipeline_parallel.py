@@ -9,8 +9,7 @@ from vllm import LLM
 
 from qwen_vl.engine.engine import engine_config
 from qwen_vl.server.settings import parse
-from tests.conftest import cpu_threads_bind
-from tests.test_parity import CASE_NAMES, assert_matches_reference, parity_cases  # noqa: F401 (fixture)
+from tests.helpers import CASE_NAMES, MAX_TOKENS, assert_matches_reference, cpu_threads_bind
 
 EAGER_REFUSED = "needs its warm-up run, which --enforce-eager skips: drop --enforce-eager"
 
@@ -24,7 +23,7 @@ def test_eager_pipeline_parallelism_is_refused_offline_before_any_worker_starts(
 
 
 def test_eager_pipeline_parallelism_is_refused_by_our_server_when_it_builds_the_engine(tiny_checkpoint):
-    _, engine_args, _ = parse(["--model", str(tiny_checkpoint), "--pipeline-parallel-size", "2", "--enforce-eager"])
+    engine_args = parse(["--model", str(tiny_checkpoint), "--pipeline-parallel-size", "2", "--enforce-eager"]).engine_args
     with pytest.raises(ValueError, match=EAGER_REFUSED):
         engine_config(engine_args, None)
 
@@ -43,7 +42,7 @@ def pp_engine(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
-def test_two_stages_match_reference(name, pp_engine, parity_cases, reference):  # noqa: F811 (the fixture)
+def test_two_stages_match_reference(name, pp_engine, parity_cases, reference):
     prompt_ids, images = parity_cases[name]
-    expected = reference.generate_greedy(prompt_ids, images, max_new_tokens=16)
+    expected = reference.generate_greedy(prompt_ids, images, max_new_tokens=MAX_TOKENS)
     assert_matches_reference(pp_engine, prompt_ids, images, expected)

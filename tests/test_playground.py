@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from qwen_vl.api.app import create_app
 from qwen_vl.api.grounding import parse_grounding
 from qwen_vl.server.settings import parse
-from tests.conftest import API_KEY, assert_error
+from tests.helpers import API_KEY, assert_error
 
 # Where the browser test leaves its screenshots (CI keeps the folder as an artifact).
 ARTIFACTS = Path(os.environ.get("QWEN_VL_TEST_ARTIFACTS", Path(__file__).parent.parent / "artifacts"))
@@ -28,7 +28,7 @@ GROUNDED_ANSWER = re.compile(r"<ref>[^<]{1,40}</ref><box>\(\d{1,3},\d{1,3}\),\(\
 
 def app_client(*flags: str) -> TestClient:
     """The app without its engine (its lifespan is not entered): enough for the page."""
-    settings, _, _ = parse(["--model", "unused", "--api-key", API_KEY, *flags])
+    settings = parse(["--model", "unused", "--api-key", API_KEY, *flags]).api
     return TestClient(create_app(settings, engine=None))
 
 

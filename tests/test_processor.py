@@ -17,8 +17,8 @@ from qwen_vl.model_executor.processor import (
     preprocess_image,
 )
 from qwen_vl.model_executor.tokenizer import IMG_END_ID, IMG_PAD_ID, IMG_START_ID
-from tests.images import pattern_image, turned_photo
-from tests.reference import preprocess as reference_preprocess
+from qwen_vl.testing.reference import preprocess as reference_preprocess
+from tests.helpers import pattern_image, turned_photo
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
 

@@ -4,11 +4,11 @@ inject control tokens."""
 
 import pytest
 
-from qwen_vl.api.prompt import IMAGE_SPAN, PromptBuilder, PromptError
+from qwen_vl.api.prompt import PromptBuilder, PromptError
 from qwen_vl.api.protocol import Message
 from qwen_vl.model_executor.chat_prompt import ChatPromptBuilder
 from qwen_vl.model_executor.renderer import original_prompt
-from qwen_vl.model_executor.tokenizer import IMG_END_ID, IMG_START_ID, build_backend, qwen_tiktoken_path
+from qwen_vl.model_executor.tokenizer import IMAGE_SPAN, IMG_END_ID, IMG_START_ID, build_backend, qwen_tiktoken_path
 
 
 @pytest.fixture(scope="module")

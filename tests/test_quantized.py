@@ -21,13 +21,12 @@ from safetensors.torch import load_file
 from vllm import LLM, SamplingParams
 from vllm.engine.arg_utils import EngineArgs
 
-from qwen_vl.model_executor import quantize
-from qwen_vl.model_executor.checkpoint import QUANTIZED_LINEARS, write_checkpoint
+from qwen_vl.benchmarks.harness import Server, free_port
 from qwen_vl.model_executor.quantization import check_zero_points, checked_extra
-from tests.conftest import API_KEY, SERVED_MODEL, chat_answers, cpu_threads_bind, free_port, launch, stop_server
-from tests.images import data_url, pattern_image
-from tests.reference import ReferenceQwenVL, read_checkpoint
-from tests.test_parity import CASE_NAMES, cases
+from qwen_vl.testing import quantize
+from qwen_vl.testing.checkpoint import QUANTIZED_LINEARS, write_checkpoint
+from qwen_vl.testing.reference import ReferenceQwenVL, read_checkpoint
+from tests.helpers import API_KEY, CASE_NAMES, SERVED_MODEL, chat_answers, cpu_threads_bind, data_url, image_part, pattern_image, started
 
 # Measured 2026-12-06 on an AMD EPYC (ZenCpuPlatform), the five parity cases on the tiny checkpoint,
 # a bfloat16 engine against the float32 reference (float16, on x86 CpuPlatform, is closer).
@@ -169,17 +168,17 @@ def test_gptq_is_served_by_vllms_gptq_config_in_16_bits(gptq_engine):
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
-def test_gptq_matches_the_reference_on_the_dequantized_weights(name, gptq_engine, gptq_reference, ref_tokenizer):
-    prompt_ids, images = cases(ref_tokenizer)[name]
+def test_gptq_matches_the_reference_on_the_dequantized_weights(name, gptq_engine, gptq_reference, parity_cases):
+    prompt_ids, images = parity_cases[name]
     assert_close_to_reference(gptq_engine, prompt_ids, images, gptq_reference)
 
 
 @pytest.mark.parametrize("name", ["one image", "multi-turn with an image in the history"])
-def test_awq_matches_the_reference_on_the_dequantized_weights(name, awq_checkpoint, ref_tokenizer):
+def test_awq_matches_the_reference_on_the_dequantized_weights(name, awq_checkpoint, parity_cases):
     llm = LLM(model=str(awq_checkpoint), enforce_eager=True, seed=0)
     try:
         assert llm.llm_engine.vllm_config.quant_config.get_name() == "auto_awq"
-        prompt_ids, images = cases(ref_tokenizer)[name]
+        prompt_ids, images = parity_cases[name]
         assert_close_to_reference(llm, prompt_ids, images, ReferenceQwenVL.from_pretrained(awq_checkpoint))
     finally:
         shut_down(llm)
@@ -197,7 +196,7 @@ def real_widths_gptq(tmp_path_factory):
 @pytest.mark.skipif(os.environ.get("QWEN_VL_REAL_WIDTHS_TESTS") != "1",
                     reason="real widths need the machine's memory: QWEN_VL_REAL_WIDTHS_TESTS=1 runs them")
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
-def test_gptq_at_real_widths_split_across_two_ranks_matches_the_reference(layout, real_widths_gptq, ref_tokenizer):
+def test_gptq_at_real_widths_split_across_two_ranks_matches_the_reference(layout, real_widths_gptq, parity_cases):
     """TP=2 splits each rank's share on group boundaries (attn.c_proj: 2048 inputs per rank, 16
     groups; mlp.c_proj: 5504, 43 groups); PP=2 puts a block on each stage. Traced, not compiled:
     pipeline parallelism on the CPU needs vLLM's warm-up run, which eager mode skips."""
@@ -207,13 +206,13 @@ def test_gptq_at_real_widths_split_across_two_ranks_matches_the_reference(layout
         llm = LLM(model=str(real_widths_gptq), max_model_len=2048, seed=0,
                   compilation_config={"mode": 2, "backend": "eager"}, **parallel)
     try:
-        served = {name: serve(llm, *cases(ref_tokenizer)[name]) for name in names}
+        served = {name: serve(llm, *parity_cases[name]) for name in names}
     finally:
         shut_down(llm)
     reference = ReferenceQwenVL.from_pretrained(real_widths_gptq)
     try:
         for name in names:
-            assert_served_close_to_reference(*cases(ref_tokenizer)[name], served[name], reference)
+            assert_served_close_to_reference(*parity_cases[name], served[name], reference)
     finally:
         del reference
         gc.collect()
@@ -228,24 +227,22 @@ def two_servers(gptq_checkpoint, tmp_path_factory):
         "vllm serve": [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
                        "--api-key", API_KEY],
     }
-    urls, processes = {}, []
+    servers = []
     try:
         for name, command in commands.items():
-            port = free_port()
-            command += ["--model", str(gptq_checkpoint), "--port", str(port), "--served-model-name", SERVED_MODEL,
-                        "--enforce-eager", "--seed", "0"]
-            processes.append(launch(command, f"http://127.0.0.1:{port}", logs / f"{name}.log"))
-            urls[name] = f"http://127.0.0.1:{port}"
-        yield urls
+            servers.append(started(Server(name, lambda port: [
+                *command, "--model", str(gptq_checkpoint), "--port", str(port), "--served-model-name", SERVED_MODEL,
+                "--enforce-eager", "--seed", "0"], logs / f"{name}.log")))
+        yield {server.name: server.url for server in servers}
     finally:
-        for process in processes:
-            stop_server(process)
+        for server in servers:
+            server.stop()
 
 
 def test_our_server_and_vllm_serve_give_the_same_int4_answer(two_servers):
     body = {"model": SERVED_MODEL, "max_tokens": 16, "temperature": 0, "ignore_eos": True,
             "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": data_url(pattern_image(3, (400, 300)))}},
+                image_part(data_url(pattern_image(3, (400, 300)))),
                 {"type": "text", "text": "What is in this picture?"}]}]}
     answers = chat_answers(two_servers, body, timeout=300)
     counts = {name: {k: answer["usage"][k] for k in ("prompt_tokens", "completion_tokens")} for name, answer in answers.items()}

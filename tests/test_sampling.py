@@ -1,5 +1,5 @@
 """Top-p on CPUs without a sort keeps the tokens vLLM's sorting top-p keeps, and the original's
-nucleus rule (tests/reference.py); vLLM's CPU sampler uses it once the plugin is registered."""
+nucleus rule (qwen_vl/testing/reference.py); vLLM's CPU sampler uses it once the plugin is registered."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ import vllm._C  # noqa: F401  (the CPU sampler's fused_gumbel_argmax)
 from vllm.v1.sample.ops import topk_topp_sampler as sampler
 
 from qwen_vl.model_executor.sampling import OPT_OUT, apply_top_k_top_p, install_cpu_top_p, top_p_mask
-from tests.reference import nucleus
+from qwen_vl.testing.reference import nucleus
 
 VOCAB = 151936  # Qwen-VL's
 # With bf16 ties, rows whose nucleus edge lies this close to the bound are decided by float32

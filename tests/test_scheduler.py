@@ -23,9 +23,7 @@ from qwen_vl.engine.scheduler import (
     nonnegative_least_squares,
 )
 from qwen_vl.server.settings import parse
-from tests.conftest import API_KEY, SERVED_MODEL, start_server, stop_server
-from tests.images import data_url, pattern_image
-from tests.test_server_chat import MAX_TOKENS, offline_answer
+from tests.helpers import AUTH, MAX_TOKENS, SERVED_MODEL, data_url, image_part, offline_answer, pattern_image, start_server
 
 TRUE_COSTS = Costs(step=0.004, decode=0.002, token=0.0008, image=0.2)
 
@@ -147,7 +145,7 @@ def test_the_engine_configuration_selects_the_scheduler_and_carries_the_budget(t
 
 
 def test_the_budget_defaults_to_a_quarter_second_and_refuses_negative_values(capsys):
-    assert parse(["--model", "m"])[2].decode_pause_budget == 0.25
+    assert parse(["--model", "m"]).server.decode_pause_budget == 0.25
     with pytest.raises(SystemExit):
         parse(["--model", "m", "--decode-pause-budget", "-1"])
     assert "--decode-pause-budget" in capsys.readouterr().err
@@ -159,10 +157,9 @@ def test_the_budget_defaults_to_a_quarter_second_and_refuses_negative_values(cap
 @pytest.fixture(scope="module")
 def tight_server(tiny_checkpoint, tmp_path_factory):
     log = tmp_path_factory.mktemp("tight") / "server.log"
-    process, url = start_server(tiny_checkpoint, log, "--decode-pause-budget", "0.000001",
-                                "--enable-logging-iteration-details")
-    yield url, log
-    stop_server(process)
+    server = start_server(tiny_checkpoint, log, "--decode-pause-budget", "0.000001", "--enable-logging-iteration-details")
+    yield server.url, log
+    server.stop()
 
 
 def test_the_server_says_its_scheduling(tight_server):
@@ -189,12 +186,10 @@ def test_a_long_prompt_beside_decoding_streams_is_prefilled_in_small_steps(tight
     url = tight_server[0]
     images = [pattern_image(800 + i, (300, 200)) for i in range(6)]
     long_text = " ".join(f"word{i % 50}" for i in range(900))
-    long_content = [*({"type": "image_url", "image_url": {"url": data_url(image)}} for image in images),
-                    {"type": "text", "text": long_text}]
-    headers = {"Authorization": f"Bearer {API_KEY}"}
+    long_content = [*(image_part(data_url(image)) for image in images), {"type": "text", "text": long_text}]
 
     async def run():
-        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as client:
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=600) as client:
             async def stream(text: str) -> None:
                 async with client.stream("POST", "/v1/chat/completions",
                                          json=chat(text, 400, ignore_eos=True, stream=True)) as response:
@@ -203,7 +198,7 @@ def test_a_long_prompt_beside_decoding_streams_is_prefilled_in_small_steps(tight
 
             # The scheduler learns what prefill and images cost from the steps it sees.
             for i in range(12):
-                image = {"type": "image_url", "image_url": {"url": data_url(pattern_image(820 + i, (64, 64)))}}
+                image = image_part(data_url(pattern_image(820 + i, (64, 64))))
                 await client.post("/v1/chat/completions", json=chat([image, {"type": "text", "text": f"{i}?"}], 2))
             # Two streams decoding (started one after the other: their own prefills are small) ...
             streams = [asyncio.create_task(stream(f"Count to a hundred, {name}.")) for name in ("Ann", "Bob")]

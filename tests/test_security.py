@@ -5,8 +5,7 @@ and image URLs to private addresses refused (the default)."""
 import httpx
 import pytest
 
-from tests.conftest import SERVED_MODEL, start_server, stop_server
-from tests.images import pattern_image
+from tests.helpers import SERVED_MODEL, image_part, pattern_image, start_server
 
 KEYS = ("first-key", "second-key")
 ORIGIN = "http://app.example"
@@ -17,12 +16,12 @@ def hardened(tiny_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("hardened")
     key_file = folder / "keys"
     key_file.write_text("\n".join(KEYS) + "\n")
-    process, url = start_server(
+    server = start_server(
         tiny_checkpoint, folder / "server.log",
         "--api-key-file", str(key_file), "--protect-metrics", "--cors-origin", ORIGIN,
     )
-    yield url
-    stop_server(process)
+    yield server.url
+    server.stop()
 
 
 def chat(url: str, key: str | None, **body) -> httpx.Response:
@@ -61,7 +60,7 @@ def test_cors_allows_the_configured_origin_only(hardened):
 def test_image_urls_to_loopback_are_refused_by_default(hardened, image_host):
     url = image_host("private.png", pattern_image(3, (64, 64)))
     for target in (url, url.replace("127.0.0.1", "localhost")):
-        content = [{"type": "image_url", "image_url": {"url": target}}, {"type": "text", "text": "?"}]
+        content = [image_part(target), {"type": "text", "text": "?"}]
         response = chat(hardened, KEYS[0], messages=[{"role": "user", "content": content}])
         assert response.status_code == 400
         assert response.json()["error"]["code"] == "url_not_allowed"

@@ -7,24 +7,8 @@ import time
 
 import httpx
 import pytest
-from vllm import SamplingParams
 
-from tests.conftest import API_KEY, SERVED_MODEL
-from tests.images import data_url, pattern_image
-
-MAX_TOKENS = 16
-OFFLINE_GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, stop_token_ids=[151645, 151644])
-
-
-def image_part(url: str) -> dict:
-    return {"type": "image_url", "image_url": {"url": url}}
-
-
-def offline_answer(engine, prompt_ids, images) -> str:
-    request = {"prompt_token_ids": prompt_ids}
-    if images:
-        request["multi_modal_data"] = {"image": images}
-    return engine.generate([request], OFFLINE_GREEDY, use_tqdm=False)[0].outputs[0].text.strip()
+from tests.helpers import AUTH, MAX_TOKENS, SERVED_MODEL, data_url, image_part, offline_answer, pattern_image, post
 
 
 def ask(client, messages, **kwargs):
@@ -157,10 +141,10 @@ def unfinished_in_engine(server) -> float:
 
 
 def test_client_disconnect_mid_stream_aborts_the_request(server):
+    # Nearly the whole context: still generating when the client hangs up, however fast the machine.
     body = {"model": SERVED_MODEL, "messages": [{"role": "user", "content": "Write a long story."}],
-            "max_tokens": 1500, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as response:
+            "max_tokens": 8000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, headers=AUTH, timeout=60) as response:
         lines = response.iter_lines()
         received = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: ") for line in received)
@@ -175,10 +159,9 @@ def test_client_disconnect_mid_stream_aborts_the_request(server):
 
 def test_client_disconnect_before_a_non_streamed_answer_aborts_it(server):
     body = {"model": SERVED_MODEL, "messages": [{"role": "user", "content": "Write a long story."}],
-            "max_tokens": 1500, "ignore_eos": True}
+            "max_tokens": 8000, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
-                   timeout=httpx.Timeout(60, read=2.0))
+        post(server, "/v1/chat/completions", body, timeout=httpx.Timeout(60, read=2.0))
     for _ in range(100):
         if unfinished_in_engine(server) == 0:
             break

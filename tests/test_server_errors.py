@@ -12,30 +12,15 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.conftest import API_KEY, SERVED_MODEL, assert_error, chat_body
-from tests.images import data_url, pattern_image
+from tests.helpers import API_KEY, AUTH, SERVED_MODEL, assert_error, chat_body, data_url, image_part, pattern_image, post, with_image
 
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MIB = 1024 * 1024
-def post(server: str, path: str, body=None, *, content: bytes | None = None, headers=AUTH) -> httpx.Response:
-    if content is not None:
-        headers = {**headers, "Content-Type": "application/json"}
-        return httpx.post(f"{server}{path}", content=content, headers=headers, timeout=120)
-    return httpx.post(f"{server}{path}", json=body, headers=headers, timeout=120)
-
-
-def image_part(url: str) -> dict:
-    return {"type": "image_url", "image_url": {"url": url}}
 
 
 def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     return buffer.getvalue()
-
-
-def with_image(url: str) -> dict:
-    return chat_body([image_part(url), {"type": "text", "text": "What is this?"}])
 
 
 # ---- images ------------------------------------------------------------------

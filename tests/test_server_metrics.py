@@ -2,17 +2,15 @@
 in Prometheus text format, moved by the traffic they describe. Other tests
 share the server, so each test measures before and after its own requests."""
 
-import base64
-import io
 import json
+import threading
+import time
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import API_KEY, SERVED_MODEL
-from tests.images import pattern_image
+from tests.helpers import AUTH, SERVED_MODEL, data_url, image_part, pattern_image, post
 
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
 FAMILIES = {
     "qwen_vl_requests": "counter",
     "qwen_vl_time_to_first_token_seconds": "histogram",
@@ -52,13 +50,7 @@ def grew(before: dict, after: dict, key: str) -> float:
 
 def chat(server: str, content, **fields) -> httpx.Response:
     body = {"model": SERVED_MODEL, "messages": [{"role": "user", "content": content}], **fields}
-    return httpx.post(f"{server}/v1/chat/completions", json=body, headers=AUTH, timeout=120)
-
-
-def image_data_url(seed: int) -> str:
-    buffer = io.BytesIO()
-    pattern_image(seed, (64, 48)).save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return post(server, "/v1/chat/completions", body)
 
 
 def stream_completion(server: str, on_first_chunk=None, **fields) -> list[dict]:
@@ -83,7 +75,7 @@ def test_metrics_are_served_in_prometheus_text_format_without_a_key(server):
 
 
 def test_every_server_family_is_exposed_with_its_type(server):
-    assert chat(server, [{"type": "image_url", "image_url": {"url": image_data_url(0)}},
+    assert chat(server, [image_part(data_url(pattern_image(0, (64, 48)))),
                          {"type": "text", "text": "What is this?"}], max_tokens=3).status_code == 200
     stream_completion(server, max_tokens=3)
     exposed = families(server)
@@ -142,8 +134,7 @@ def test_a_refused_request_counts_no_tokens(server):
 
 def test_a_chat_with_an_image_records_the_image_count_and_its_load_time(server):
     before = scrape(server)
-    content = [{"type": "image_url", "image_url": {"url": image_data_url(1)}},
-               {"type": "image_url", "image_url": {"url": image_data_url(2)}},
+    content = [image_part(data_url(pattern_image(1, (64, 48)))), image_part(data_url(pattern_image(2, (64, 48)))),
                {"type": "text", "text": "Compare them."}]
     response = chat(server, content, max_tokens=2)
     after = scrape(server)
@@ -174,16 +165,48 @@ def test_a_streamed_request_records_its_latencies(server):
     assert grew(before, after, "qwen_vl_completion_tokens_total") == 12
 
 
+def scrapes_during_generation(server: str) -> list[dict[str, float]]:
+    """The metrics, scraped every 0.05 s while one long request (nearly the whole context)
+    streams, until a scrape sees a request running or the stream ends; then the client hangs up
+    and the request's end is awaited."""
+    scrapes, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            scrapes.append(scrape(server))
+            if scrapes[-1]["qwen_vl_requests_running"] >= 1:
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with httpx.stream("POST", f"{server}/v1/completions", headers=AUTH, timeout=300, json={
+            "model": SERVED_MODEL, "prompt": "The weather today", "stream": True, "ignore_eos": True,
+            "max_tokens": 8000,
+        }) as response:
+            assert response.status_code == 200
+            for _ in response.iter_lines():
+                if not watcher.is_alive():
+                    break
+    finally:
+        stop.set()
+        watcher.join()
+    for _ in range(100):
+        if scrape(server)["qwen_vl_requests_unfinished"] == 0:
+            break
+        time.sleep(0.1)
+    return scrapes
+
+
 def test_unfinished_requests_are_counted_while_generating(server):
-    during = []
-    stream_completion(server, on_first_chunk=lambda: during.append(scrape(server)), max_tokens=64)
-    assert during[0]["qwen_vl_requests_unfinished"] == 1
+    assert 1 in {seen["qwen_vl_requests_unfinished"] for seen in scrapes_during_generation(server)}
+    stream_completion(server, max_tokens=4)
     assert scrape(server)["qwen_vl_requests_unfinished"] == 0
 
 
 def test_engine_gauges_show_a_running_request_and_its_kv_cache(server):
-    during = []
-    stream_completion(server, on_first_chunk=lambda: during.append(scrape(server)), max_tokens=64)
-    assert during[0]["qwen_vl_requests_running"] == 1
-    assert during[0]["qwen_vl_requests_waiting"] == 0
-    assert 0 < during[0]["qwen_vl_kv_cache_usage_ratio"] <= 1
+    running = [seen for seen in scrapes_during_generation(server) if seen["qwen_vl_requests_running"] == 1]
+    assert running
+    assert all(seen["qwen_vl_requests_waiting"] == 0 for seen in running)
+    assert all(0 < seen["qwen_vl_kv_cache_usage_ratio"] <= 1 for seen in running)

@@ -15,9 +15,8 @@ import pytest
 from vllm import LLM
 from vllm.engine.arg_utils import EngineArgs
 
-from qwen_vl.model_executor.checkpoint import write_checkpoint
-from tests.conftest import cpu_threads_bind
-from tests.test_parity import CASE_NAMES, assert_matches_reference, cases
+from qwen_vl.testing.checkpoint import write_checkpoint
+from tests.helpers import CASE_NAMES, MAX_TOKENS, assert_matches_reference, cases, cpu_threads_bind
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +28,11 @@ def real_widths_checkpoint(tmp_path_factory):
 def expected(real_widths_checkpoint, ref_tokenizer):
     """name -> (prompt ids, images, the reference's greedy answer); the
     reference (7 GB in float32) is freed before any engine loads."""
-    from tests.reference import ReferenceQwenVL
+    from qwen_vl.testing.reference import ReferenceQwenVL
 
     reference = ReferenceQwenVL.from_pretrained(real_widths_checkpoint)
     answers = {
-        name: (ids, images, reference.generate_greedy(ids, images, max_new_tokens=16))
+        name: (ids, images, reference.generate_greedy(ids, images, max_new_tokens=MAX_TOKENS))
         for name, (ids, images) in cases(ref_tokenizer).items()
     }
     del reference
@@ -62,11 +61,11 @@ def tiny_tp2_engine(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
-def test_tp2_matches_reference(name, tiny_tp2_engine, ref_tokenizer, reference):
+def test_tp2_matches_reference(name, tiny_tp2_engine, parity_cases, reference):
     """Every parity case at TP=2 on the tiny checkpoint (ViT, adapter heads and decoder all
     divide by 2): the reference's greedy tokens, first-step logprobs within 2e-4."""
-    prompt_ids, images = cases(ref_tokenizer)[name]
-    expected = reference.generate_greedy(prompt_ids, images, max_new_tokens=16)
+    prompt_ids, images = parity_cases[name]
+    expected = reference.generate_greedy(prompt_ids, images, max_new_tokens=MAX_TOKENS)
     assert_matches_reference(tiny_tp2_engine, prompt_ids, images, expected)
 
 

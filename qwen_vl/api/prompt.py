@@ -13,17 +13,16 @@ import tokenizers
 
 from qwen_vl.model_executor.chat_prompt import (
     DEFAULT_MAX_WINDOW_SIZE,
-    IMAGE_SPAN,
     ChatMessage,
     ChatPromptBuilder,
     PromptError,
     check_unicode,
 )
-from qwen_vl.model_executor.tokenizer import IMG_END_ID, IMG_START_ID
+from qwen_vl.model_executor.tokenizer import IMAGE_SPAN, IMG_END_ID, IMG_START_ID
 
 from .protocol import ImagePart, Message
 
-__all__ = ["IMAGE_SPAN", "Prompt", "PromptBuilder", "PromptError", "truncate"]
+__all__ = ["Prompt", "PromptBuilder", "PromptError", "truncate"]
 
 # In completion prompts (the pretrained model's raw format) `<img>URL</img>` holds an image.
 _IMAGE_URL_SPAN = re.compile(r"<img>(.*?)</img>", re.DOTALL)

@@ -1,8 +1,8 @@
 """The baseline: Qwen-VL served the way the official repo's demos do it, behind our API shape.
 
 One request at a time (an asyncio lock), each a plain PyTorch forward with a growing KV cache:
-the independent reference model of the test suite (`tests.reference.ReferenceQwenVL`, imported,
-not copied), driven token by token as its `generate` does, so that tokens can be streamed.
+the independent reference model the parity tests use (`qwen_vl.testing.reference.ReferenceQwenVL`,
+imported, not copied), driven token by token as its `generate` does, so that tokens can be streamed.
 Prompts come from our `PromptBuilder`, so every system under test sees the same token ids. It streams `/v1/chat/completions` (SSE, with `usage`) and answers
 `/health` and `/v1/models`; only data: URLs are accepted, and sampling is greedy.
 
@@ -26,10 +26,9 @@ from PIL import Image
 
 from qwen_vl.api.prompt import PromptBuilder
 from qwen_vl.api.protocol import ChatCompletionRequest
-from qwen_vl.model_executor.tokenizer import IM_END_ID, IM_START_ID, QWenTokenizer
-from tests.reference import ReferenceQwenVL, pick_token
-
-STOP_IDS = (IM_END_ID, IM_START_ID)
+from qwen_vl.model_executor.chat_prompt import CHAT_STOP_TOKEN_IDS
+from qwen_vl.model_executor.tokenizer import QWenTokenizer
+from qwen_vl.testing.reference import ReferenceQwenVL, pick_token
 
 
 def decode_data_url(url: str) -> Image.Image:
@@ -74,7 +73,7 @@ def create_app(model_dir: str, served_model_name: str, dtype: torch.dtype) -> Fa
         except (ValueError, binascii.Error, OSError) as e:
             return JSONResponse({"error": {"message": str(e), "type": "invalid_request_error"}}, status_code=400)
         max_tokens = body.completion_limit or 16
-        stop_ids = () if body.ignore_eos else STOP_IDS
+        stop_ids = () if body.ignore_eos else CHAT_STOP_TOKEN_IDS
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
 
         def event(delta: dict, finish_reason=None, usage=None) -> str:

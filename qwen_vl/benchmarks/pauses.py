@@ -13,8 +13,8 @@ one server per round (`--rounds`, each round starting with another set-up), and 
     uniform   16 closed-loop one-image chats (throughput)
 
 Every request asks for `--max-tokens` tokens (`ignore_eos`), greedy. The streams' figures are
-their ITL p99 and their longest pause (the longest gap in any one stream). The targets of issue
-24, against the first setup's ITL p99 alone: alone, ITL p99 and TTFT p50 within 1.2x of the
+their ITL p99 and their longest pause (the longest gap in any one stream). The targets, against
+the first setup's ITL p99 alone: alone, ITL p99 and TTFT p50 within 1.2x of the
 first setup's; beside, ITL p99 within 5x and longest pause within 10x, the long prompts' TTFT
 within 1.3x of their TTFT alone; uniform within 5% of the first setup's tok/s. Results: a
 section of `--markdown` (default BENCHMARKS.md) and raw JSON in `--out-dir`.
@@ -27,7 +27,7 @@ import shlex
 import sys
 import time
 
-from .compare import SERVED_MODEL, Server, checkpoint_for, free_port, machine
+from .harness import SERVED_MODEL, Server, checkpoint_for, machine, our_server_command
 from .load import benchmark
 from .long_context import interference
 from .mfu import matmul_peak, read_bandwidth
@@ -100,7 +100,7 @@ def report(runs: dict, args, limits: tuple) -> list[str]:
                      f"| {f['long_ttft_alone'] / 1000:.1f} / {f['long_ttft_beside'] / 1000:.1f} "
                      f"| {f['uniform_tok_s']:.1f} |")
     if base is not None:
-        lines += ["", f"Against `{first}`'s ITL p99 alone ({base['alone_itl_p99']:.0f} ms), issue 24's targets:", ""]
+        lines += ["", f"Against `{first}`'s ITL p99 alone ({base['alone_itl_p99']:.0f} ms), the targets:", ""]
         for name, result in list(runs.items())[1:]:
             if "error" in result:
                 continue
@@ -146,11 +146,10 @@ def main(argv: list[str] | None = None) -> None:
         runs = {}
         # Each round starts with another set-up, so that drift of the machine does not favour one.
         for name in names[number % len(names):] + names[:number % len(names)]:
-            port = free_port()
-            command = [sys.executable, "-m", "qwen_vl.server", "--model", str(model), "--served-model-name",
-                       SERVED_MODEL, "--port", str(port), "--seed", "0", *shlex.split(args.flags[name])]
-            server = Server(name, command, port, args.out_dir / f"pauses-{name}-{number}.log", None)
-            print(f"[{name}] round {number + 1}: {shlex.join(command)}", file=sys.stderr)
+            flags = shlex.split(args.flags[name])
+            server = Server(name, lambda port: our_server_command(model, port, "--seed", "0", *flags),
+                            args.out_dir / f"pauses-{name}-{number}.log")
+            print(f"[{name}] round {number + 1}: {shlex.join(server.command)}", file=sys.stderr)
             try:
                 server.start(args.start_timeout)
                 runs[name] = measure(server.url, args)

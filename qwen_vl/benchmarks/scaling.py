@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from . import compare
+from .harness import checkpoint_for, engine_args, machine
 from .report import replace_section
 
 SETUPS: dict[str, tuple[dict[str, str], list[str]]] = {
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     parser.set_defaults(markdown=None, out_dir=Path("bench-results/scaling"), section="Scaling")
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "qwen_vl.benchmarks.scaling", *(sys.argv[1:] if argv is None else argv)])
-    model = args.model or compare.checkpoint_for(args.preset)
+    model = args.model or checkpoint_for(args.preset)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
     limits = compare.Limits.measure(model, args.dtype)  # before any server runs: the machine to itself
     print(f"torch.mm {args.dtype}: {limits.peak_flops / 1e9:.0f} GFLOP/s", file=sys.stderr)
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         results[setup] = compare.run_server("ours", model, args, out_dir, {**env, **extra_env})
         print(f"[{setup}] done in {time.perf_counter() - began:.0f} s", file=sys.stderr)
     limits = compare.Limits.measure(model, args.dtype, limits)
-    info = compare.machine()
+    info = machine()
     (args.out_dir / "results.json").write_text(json.dumps(
         {"command": command, "machine": info, "limits": {"peak_flops": limits.peak_flops, "bandwidth": limits.bandwidth},
          "runs": results}, indent=2) + "\n")
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
             f"- checkpoint `{args.preset or model}`, workload `{args.workload}`, {args.max_tokens} output tokens "
             f"({compare.SAMPLING_TEXT[args.sampling]}), "
             f"requests per level {', '.join(map(str, compare.level_sizes(args, 'ours')))}; engine arguments "
-            f"`{shlex.join(compare.engine_args(args))}` plus each set-up's, VLLM_CPU_KVCACHE_SPACE={args.kv_cache_gib}",
+            f"`{shlex.join(engine_args(args))}` plus each set-up's, VLLM_CPU_KVCACHE_SPACE={args.kv_cache_gib}",
             f"- machine: {info['nproc']} CPUs ({info['cpu']}), {info['ram_gib']} GiB RAM; vLLM {info['vllm']} (default platform: {info['platform']}); "
             f"load average at the end {' / '.join(map(str, info['load_average']))} (the machine is shared: "
             "other work skews every figure)",

@@ -21,30 +21,15 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 import threading
 import time
 from pathlib import Path
 
-import psutil
-
-from .compare import Server, checkpoint_for, free_port
+from .harness import Server, checkpoint_for, our_server_command, resident_bytes
 from .load import benchmark
 from .workloads import build_workload
 
 MODEL_NAME = "qwen-vl-soak"
-
-
-def tree_rss(pid: int) -> int:
-    """Resident memory of a process and all its descendants, bytes."""
-    root = psutil.Process(pid)
-    total = 0
-    for process in [root, *root.children(recursive=True)]:
-        try:
-            total += process.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
 
 
 class RssSampler(threading.Thread):
@@ -57,17 +42,15 @@ class RssSampler(threading.Thread):
     def run(self) -> None:
         started = time.monotonic()
         while not self.stopped.is_set():
-            self.samples.append((time.monotonic() - started, tree_rss(self.pid)))
+            self.samples.append((time.monotonic() - started, resident_bytes(self.pid)))
             self.stopped.wait(self.every)
 
 
 def start_server(args, extra: list[str], log: Path) -> Server:
     model = checkpoint_for(args.preset)
-    port = free_port()
-    command = [sys.executable, "-m", "qwen_vl.server", "--model", str(model), "--served-model-name", MODEL_NAME,
-               "--port", str(port), "--max-model-len", "2048", *extra]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
-    server = Server("ours", command, port, log, env)
+    server = Server("ours", lambda port: our_server_command(model, port, "--max-model-len", "2048", *extra,
+                                                            served_model_name=MODEL_NAME), log, env)
     server.start(timeout=600)
     return server
 

@@ -5,7 +5,7 @@
 
 Compares our `qwen_vl.model_executor.visual.VisionTransformer` (vLLM's parallel linear layers,
 on a CPU the original's scores-softmax-values attention; run here in a one-rank vLLM distributed
-group) with the reference's `VisionTransformer` (tests/reference.py, plain PyTorch) on the same
+group) with the reference's `VisionTransformer` (qwen_vl/testing/reference.py, plain PyTorch) on the same
 weights: the `tiny` and `small` presets load them from a checkpoint written into the project
 cache; `real` builds the real sizes (48 layers of width 1664) with random weights, identical
 in both models, without writing a checkpoint. Input: random pixels, already preprocessed
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .compare import checkpoint_for, free_port
+from .harness import checkpoint_for, free_port
 
 VISUAL_PREFIX = "transformer.visual."
 
@@ -42,7 +42,7 @@ def init_vllm_single_rank() -> None:
 
 def visual_config(preset: str) -> tuple[dict, dict[str, torch.Tensor] | None]:
     """(the checkpoint's visual dict, its `transformer.visual.*` tensors or None for random)."""
-    from qwen_vl.model_executor.checkpoint import config_dict
+    from qwen_vl.testing.checkpoint import config_dict
 
     if preset == "real":
         return config_dict("real")["visual"], None
@@ -51,7 +51,7 @@ def visual_config(preset: str) -> tuple[dict, dict[str, torch.Tensor] | None]:
 
 def checkpoint_visual(model_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(the visual dict of `model_dir`'s config, its `transformer.visual.*` tensors)."""
-    from tests.reference import read_checkpoint
+    from qwen_vl.testing.reference import read_checkpoint
 
     state = {k[len(VISUAL_PREFIX):]: v for k, v in read_checkpoint(model_dir).items() if k.startswith(VISUAL_PREFIX)}
     return json.loads((model_dir / "config.json").read_text())["visual"], state
@@ -61,7 +61,7 @@ def build_models(visual: dict, state: dict | None, dtype: torch.dtype):
     from vllm.config import VllmConfig, set_current_vllm_config
 
     from qwen_vl.model_executor.visual import VisionTransformer as Ours
-    from tests.reference import VisionTransformer as Reference
+    from qwen_vl.testing.reference import VisionTransformer as Reference
 
     reference = Reference(visual)
     if state is None:

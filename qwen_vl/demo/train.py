@@ -35,9 +35,9 @@ from qwen_vl.demo.network import TrainableQwenVL
 from qwen_vl.demo.scenes import COLOURS, SHAPES, Scene, Shape, training_scene
 from qwen_vl.demo.tasks import Question, paraphrase, questions, which_question
 from qwen_vl.model_executor.chat_prompt import ChatMessage, ChatPromptBuilder
-from qwen_vl.model_executor.checkpoint import config_dict, sincos_table
 from qwen_vl.model_executor.processor import preprocess_image
 from qwen_vl.model_executor.tokenizer import IM_END_ID, IMG_PAD_ID, cached_backend_file, qwen_tiktoken_path
+from qwen_vl.testing.checkpoint import config_dict, sincos_table
 
 # How often each kind of question is asked (of those a scene supports); boxes and words are the
 # hardest to learn and get the most practice.

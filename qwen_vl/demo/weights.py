@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qwen_vl.model_executor.checkpoint import ShardWriter, config_dict, write_files
+from qwen_vl.testing.checkpoint import ShardWriter, config_dict, write_files
 
 VOCAB_TENSORS = ("transformer.wte.weight", "lm_head.weight")
 

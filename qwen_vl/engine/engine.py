@@ -1,6 +1,7 @@
 """The engine's lifecycle: one vLLM AsyncLLM for the served model, started and
-stopped by the app's lifespan, with the few facts the API layer needs; on the
-other nodes of a multi-node engine, their workers (run_headless)."""
+stopped by the app's lifespan, with the few facts the API layer needs (the
+checkpoint's among them: `Engine.checkpoint`); on the other nodes of a
+multi-node engine, their workers (run_headless)."""
 
 import logging
 from collections.abc import AsyncIterator
@@ -10,6 +11,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.outputs import RequestOutput
 from vllm.v1.engine.async_llm import AsyncLLM
 
+from qwen_vl.model_executor.checkpoint_facts import CheckpointFacts
 from qwen_vl.model_executor.tokenizer import IMAGE_TOKENS_PER_IMAGE
 
 from .metrics import REQUESTS_UNFINISHED, EngineGauges
@@ -83,11 +85,13 @@ def configuration_error(error: ValueError) -> str:
 
 class Engine:
     """The configuration is built (and checked: a configuration that cannot run is refused
-    here, before any process starts) when the Engine is made; the engine starts in `start`."""
+    here, before any process starts) and the checkpoint's facts are read when the Engine is
+    made; the engine starts in `start`."""
 
     def __init__(self, engine_args: AsyncEngineArgs, images_per_step: int | None = None, pause_budget: float = 0.0):
         self.engine_args = engine_args
         self.vllm_config = engine_config(engine_args, images_per_step, pause_budget)
+        self.checkpoint = CheckpointFacts(self.vllm_config.model_config)
         self.llm: AsyncLLM | None = None
 
     def start(self) -> None:
@@ -128,19 +132,6 @@ class Engine:
     @property
     def tokenizer(self):
         return self.llm.get_tokenizer()
-
-    def sampling_defaults(self) -> dict:
-        """The checkpoint's generation_config.json as vLLM reads it
-        (Qwen-VL-Chat: top_p 0.3, top_k 0 = off, max_tokens 512)."""
-        return self.llm.model_config.get_diff_sampling_param()
-
-    def max_window_size(self) -> int:
-        """generation_config.json's max_window_size (6144 for Qwen-VL-Chat)."""
-        from vllm.transformers_utils.config import try_get_generation_config
-
-        from qwen_vl.model_executor.chat_prompt import max_window_size
-
-        return max_window_size(try_get_generation_config(self.llm.model_config.model, trust_remote_code=False))
 
     @property
     def priority_scheduling(self) -> bool:

@@ -42,7 +42,7 @@ import numpy as np
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from qwen_vl.model_executor.chat_prompt import IMAGE_SPAN
+from qwen_vl.model_executor.tokenizer import IMAGE_SPAN
 
 # This runs in vLLM's engine-core process, where only vLLM's own loggers have a handler.
 logger = logging.getLogger("vllm.qwen_vl.scheduler")

@@ -2,6 +2,80 @@
 
 vLLM calls `register` (entry point group `vllm.general_plugins`) in every
 process it starts; each step is idempotent.
+
+Where the package meets vLLM 0.32
+---------------------------------
+Every place the package overrides, patches or relies on vLLM's internals, why no public
+extension point serves (or which one is used), and the tests that fail if vLLM's behaviour
+under it changes (in tests/). A new hook anywhere in the package gets its entry here.
+
+Public extension points:
+- The model: `ModelRegistry.register_model` (below); the model interfaces (SupportsMultiModal,
+  SupportsMRoPE, SupportsPP) and vLLM's model helpers, `_merge_multimodal_embeddings` among them
+  as vLLM's own models use it (model.py); the processor registered with MULTIMODAL_REGISTRY,
+  implementing the methods vLLM's own models implement (processor.py). Tests: test_parity.py.
+- Config and tokenizer: transformers' `AutoConfig.register` and `AutoTokenizer.register`
+  (config.py, tokenizer.py), which vLLM's loaders consult before remote code. Tests:
+  test_config.py::test_real_config_loads_through_vllm,
+  test_tokenizer.py::test_loads_through_vllm_get_tokenizer.
+- `vllm serve`'s chat template: `register_chat_template_fallback_path` (below). Test:
+  test_vllm_serve.py::test_vllm_serve_renders_the_original_prompt_with_our_chat_template.
+- The renderer: tokenizer mode "qwen_vl" (vLLM's Hugging Face tokenizer, our renderer), added with
+  the tokenizer and renderer registries' `register` (renderer.py) and set for Qwen-VL by the
+  per-architecture hook, as vLLM sets its own Kimi K3's and Inkling's. Tests: test_vllm_hooks.py.
+- The platform: entry point group `vllm.platform_plugins` (cpu_platform.py); to answer only where
+  vLLM would pick its Zen platform it asks vLLM's private `platforms._is_amd_zen_cpu`. Tests:
+  test_cpu_platform.py::test_default_platform_is_zen_on_amd_with_avx512_and_vllms_cpu_platform_elsewhere,
+  ::test_opt_out_keeps_vllms_cpu_platform.
+- Metrics: AsyncLLM's `stat_loggers` (engine/metrics.py). Test:
+  test_server_metrics.py::test_engine_gauges_show_a_running_request_and_its_kv_cache.
+
+vLLM's internals (no public extension point does it):
+- The per-architecture config hook: our entry in `MODELS_CONFIG_MAP` (serving.py), where vLLM's
+  own models adjust their settings; out-of-tree models have no other. It points vLLM at a copy of
+  the generation config with the chat's stops, sets the tokenizer mode, keeps images' modes, and
+  refuses a dtype, parallel sizes or a 4-bit layout the workers could not run (quantization.py
+  asks vLLM's kernel choosers, `choose_mp_linear_kernel` and `verify_marlin_supported`, what they
+  would answer). Tests: test_vllm_serve.py::test_vllm_serve_stops_at_the_chat_turns_end,
+  ::test_vllm_serve_and_our_server_give_the_same_greedy_answer (its RGBA image),
+  test_checkpoint_facts.py, test_quantized.py::test_float16_is_refused_where_the_cpu_cannot_compute_in_it,
+  ::test_a_gptq_layout_that_cannot_run_is_refused_before_any_worker_starts,
+  test_tensor_parallel.py::test_vit_mlp_width_that_does_not_divide_is_refused_naming_it,
+  test_pipeline_parallel.py::test_eager_pipeline_parallelism_is_refused_offline_before_any_worker_starts.
+- The renderer's `_process_singleton(_async)` (renderer.py): the one place every prompt passes
+  after its images are expanded and before the prefix cache hashes it, where the dynamic-NTK
+  cache salt is set. Tests: test_vllm_hooks.py,
+  test_long_context.py::test_a_cached_prefix_is_not_reused_under_another_alpha.
+- The data parser's `_parse_image_data`, the processor's `apply` and `_postprocess_prompt`
+  (processor.py): images as stored (vLLM turns photos by EXIF and has no option against it), a
+  clear error for a span/image count mismatch, whatever a span holds dropped. Tests:
+  test_processor.py::test_images_from_vllms_loader_reach_the_model_as_stored,
+  ::test_mismatched_image_count_is_a_clear_error, ::test_path_inside_the_span_does_not_change_the_answer.
+- Dynamic NTK: `RotaryEmbedding._compute_cos_sin_cache` overridden for a table per alpha
+  (rotary.py), and `QWenConfig.mrope_section` so that vLLM asks the model for each request's
+  positions (M-RoPE's route; vLLM has no per-request rotary). Tests: test_long_context.py.
+- Top-p on CPUs: vLLM's `topk_topp_sampler.apply_top_k_top_p` replaced where Triton is absent
+  (sampling.py); logits processors run before vLLM's top-p and cannot spare its sort. Test:
+  test_sampling.py::test_vllms_cpu_sampler_uses_it_once_installed.
+- Fast exit: in vLLM's engine processes, found by their names, `os._exit` at multiprocessing's
+  exit report (exit.py); vLLM has no option to skip the interpreter's teardown. Tests:
+  test_lifecycle.py::test_idle_server_stops_cleanly_on_sigterm, test_fast_exit.py.
+- The scheduler (qwen_vl/engine/scheduler.py): given by the public --scheduler-cls, but it
+  subclasses vLLM's v1 `Scheduler` and `AsyncScheduler`, reads their request queues and rewrites
+  `long_prefill_token_threshold` before each step (vLLM reads it afresh). Tests:
+  test_scheduler.py::test_a_long_prompt_beside_decoding_streams_is_prefilled_in_small_steps,
+  ::test_the_engine_configuration_selects_the_scheduler_and_carries_the_budget.
+- The engine's configuration (qwen_vl/engine/engine.py): `max_num_encoder_input_tokens` set
+  after vLLM built it (--images-per-step; vLLM has no argument for it), and the headless nodes
+  run vLLM's `MultiprocExecutor` on it (vLLM's `serve --headless` builds its own). Tests:
+  test_images_per_step.py::test_the_engine_configuration_carries_the_image_budget,
+  test_multi_node.py::test_tensor_parallel_across_two_nodes_matches_reference.
+- 4-bit tensors vLLM's layers drop silently (`g_idx`, `qzeros`, zero biases) are checked by
+  `load_weights` (quantization.py). Test:
+  test_quantized.py::test_tensors_the_4_bit_layers_do_not_take_are_checked_not_ignored.
+- Beside vLLM, not in it: qwen_vl/_torch_extras.py makes torchvision, torchaudio and torchcodec
+  builds that cannot load look absent to transformers, which vLLM imports. Test:
+  test_torch_extras.py::test_importing_qwen_vl_first_hides_them.
 """
 
 from pathlib import Path

@@ -23,19 +23,13 @@ from typing import Any
 
 import tokenizers
 
-from .tokenizer import (
-    GROUNDING_TOKENS,
-    IM_END_ID,
-    IM_START_ID,
-    IMAGE_TOKENS_PER_IMAGE,
-    IMG_END_ID,
-    IMG_PAD_ID,
-    IMG_START_ID,
-)
+from .tokenizer import GROUNDING_TOKENS, IM_END_ID, IM_START_ID, IMAGE_SPAN
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
-DEFAULT_MAX_WINDOW_SIZE = 6144
-IMAGE_SPAN = [IMG_START_ID] + [IMG_PAD_ID] * IMAGE_TOKENS_PER_IMAGE + [IMG_END_ID]
+DEFAULT_MAX_WINDOW_SIZE = 6144  # Qwen-VL-Chat's, and where generation_config.json names none
+# The original chat() ends its answer at the end of its turn or the start of another
+# (`get_stop_words_ids` for chatml); <|endoftext|>, the checkpoint's eos, ends it too.
+CHAT_STOP_TOKEN_IDS = (IM_END_ID, IM_START_ID)
 _GROUNDING_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in GROUNDING_TOKENS) + ")")
 
 
@@ -62,11 +56,6 @@ class ChatPrompt:
     token_ids: list[int]
     images: list[Any]  # of the kept messages, in order of appearance
     dropped: int  # earlier messages left out by the window, after the leading system ones
-
-
-def max_window_size(generation_config) -> int:
-    """generation_config.json's max_window_size: 6144 for Qwen-VL-Chat, and where it names none."""
-    return int(getattr(generation_config, "max_window_size", None) or DEFAULT_MAX_WINDOW_SIZE)
 
 
 def check_unicode(text: str, param: str) -> None:

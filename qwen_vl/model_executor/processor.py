@@ -30,7 +30,7 @@ from vllm.multimodal.processing import (
     PromptUpdateDetails,
 )
 
-from .tokenizer import IMAGE_TOKENS_PER_IMAGE, IMG_END_ID, IMG_PAD_ID, IMG_START_ID
+from .tokenizer import IMAGE_SPAN, IMAGE_TOKENS_PER_IMAGE, IMG_END_ID, IMG_PAD_ID, IMG_START_ID
 
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -188,11 +188,10 @@ class QwenVLMultiModalProcessor(BaseMultiModalProcessor[QwenVLProcessingInfo]):
         hf_processor_mm_kwargs: Mapping[str, object],
         out_mm_kwargs: MultiModalKwargsItems,
     ) -> Sequence[PromptUpdate]:
-        span = [IMG_START_ID] + [IMG_PAD_ID] * IMAGE_TOKENS_PER_IMAGE + [IMG_END_ID]
         return [
             PromptReplacement(
                 modality="image",
                 target=[IMG_START_ID, IMG_END_ID],
-                replacement=PromptUpdateDetails.select_token_id(span, IMG_PAD_ID),
+                replacement=PromptUpdateDetails.select_token_id(IMAGE_SPAN, IMG_PAD_ID),
             )
         ]

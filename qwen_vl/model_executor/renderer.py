@@ -16,7 +16,7 @@ lets vLLM parse only the messages the window keeps (so the dropped turns'
 images are never fetched), and hands vLLM those ids in place of the template's
 text. Anything else (another shape, a chat template named by the server or the
 request, `continue_final_message`, no generation prompt, a part type the
-original has no form for, a checkpoint that is not a chatml Qwen) goes through
+original has no form for, a checkpoint that is not chatml) goes through
 vLLM's template path unchanged.
 
 Prefix caching under dynamic NTK.
@@ -33,6 +33,12 @@ alphas apart, while prompts of one alpha share their prefixes as before
 The salt is set where vLLM turns every prompt into engine input (the offline
 `LLM`, `vllm serve` and our server alike): the renderer, after image spans
 are expanded and the prompt truncated, so it sees the length the model will.
+
+How vLLM comes to use it: vLLM picks a model's renderer by its tokenizer mode
+(`vllm.renderers.renderer_from_config`), as it gives its own Kimi K3 and
+Inkling theirs. Mode "qwen_vl" is registered here, with vLLM's Hugging Face
+tokenizer and this renderer, and the per-architecture hook (serving.py) sets
+it for Qwen-VL; other models keep vLLM's renderers.
 """
 
 import asyncio
@@ -40,9 +46,10 @@ from functools import cached_property
 
 from vllm.renderers.hf import HfRenderer
 
-from .chat_prompt import ChatMessage, ChatPromptBuilder, PromptError, max_window_size
+from .chat_prompt import ChatMessage, ChatPromptBuilder, PromptError
+from .checkpoint_facts import CheckpointFacts
 
-MODEL_TYPE = "qwen"
+RENDERER_MODE = "qwen_vl"  # vLLM's tokenizer mode that selects QwenVLRenderer
 ROLES = ("system", "user", "assistant")
 TEXT_PARTS = ("text", "input_text", "output_text")
 IMAGE_PARTS = ("image_url", "input_image", "image_pil", "image_embeds")
@@ -102,13 +109,11 @@ def ntk_cache_salt(user_salt: str | None, alpha: int) -> str | None:
 
 class QwenVLRenderer(HfRenderer):
     """vLLM's Hugging Face renderer, plus the original's prompt and the
-    dynamic-NTK cache salt when the model is Qwen-VL; unchanged for every
-    other model."""
+    dynamic-NTK cache salt."""
 
     def _salt(self, engine_input):
-        config = self.model_config.hf_config
-        if config.model_type == MODEL_TYPE and "prompt_token_ids" in engine_input:
-            alpha = config.ntk_alpha(len(engine_input["prompt_token_ids"]))
+        if "prompt_token_ids" in engine_input:
+            alpha = self.model_config.hf_config.ntk_alpha(len(engine_input["prompt_token_ids"]))
             salt = ntk_cache_salt(engine_input.get("cache_salt"), alpha)
             if salt is not None:
                 engine_input["cache_salt"] = salt
@@ -116,18 +121,11 @@ class QwenVLRenderer(HfRenderer):
 
     @cached_property
     def _builder(self) -> ChatPromptBuilder | None:
-        """The original's prompt builder for a chatml Qwen checkpoint (its
-        generation_config.json's max_window_size), else None."""
-        from vllm.transformers_utils.config import try_get_generation_config
-
-        config = self.model_config
-        if config.hf_config.model_type != MODEL_TYPE:
+        """The original's prompt builder for a chatml checkpoint, else None."""
+        checkpoint = CheckpointFacts(self.model_config)
+        if not checkpoint.chatml:
             return None
-        generation = try_get_generation_config(config.model, trust_remote_code=config.trust_remote_code,
-                                               revision=config.revision)
-        if generation is None or getattr(generation, "chat_format", None) != "chatml":
-            return None
-        return ChatPromptBuilder(self.get_tokenizer().backend_tokenizer, max_window_size(generation))
+        return ChatPromptBuilder(self.get_tokenizer().backend_tokenizer, checkpoint.max_window_size)
 
     def _original(self, messages, params) -> tuple[list, list[int]] | None:
         template_kwargs = params.get_apply_chat_template_kwargs()
@@ -164,9 +162,12 @@ class QwenVLRenderer(HfRenderer):
 
 
 def register_renderer() -> None:
-    """Serve renderer mode "hf" (what tokenizer_mode "auto" resolves to) with
-    QwenVLRenderer. Written to the registry's table directly: its `register`
-    would log an "overwritten" warning in every process vLLM starts."""
+    """Tokenizer mode "qwen_vl": vLLM's Hugging Face tokenizer (mode "hf"'s) and
+    QwenVLRenderer. Idempotent (the registries warn when a mode is registered again)."""
     from vllm.renderers.registry import RENDERER_REGISTRY
+    from vllm.tokenizers.registry import TokenizerRegistry
 
-    RENDERER_REGISTRY.renderers["hf"] = (__name__, QwenVLRenderer.__name__)
+    if RENDERER_MODE not in TokenizerRegistry.tokenizers:
+        TokenizerRegistry.register(RENDERER_MODE, *TokenizerRegistry.tokenizers["hf"])
+    if RENDERER_MODE not in RENDERER_REGISTRY.renderers:
+        RENDERER_REGISTRY.register(RENDERER_MODE, __name__, QwenVLRenderer.__name__)

@@ -21,6 +21,10 @@ also turns photos upright by their EXIF orientation, which the original does
 not; the plugin's data parser decodes those from their bytes again, as stored
 (`processor.as_stored`).
 
+The renderer. Qwen-VL's tokenizer mode becomes "qwen_vl" in place of "auto"
+or "hf" (the same tokenizer): vLLM then renders its prompts with
+renderer.QwenVLRenderer, the original's prompt and the dynamic-NTK cache salt.
+
 Dtypes. A dtype the platform does not compute in is refused (check_dtype).
 
 Parallel sizes. A size tensor parallelism cannot split is refused with its
@@ -28,40 +32,40 @@ name (config.check_tensor_parallel), not deep inside model construction; so is
 pipeline parallelism in eager mode on the CPU (check_pipeline_parallel), which
 would otherwise kill the second stage's worker.
 
-All three are done from vLLM's per-architecture config hook (MODELS_CONFIG_MAP, the
+All of these are done from vLLM's per-architecture config hook (MODELS_CONFIG_MAP, the
 place vLLM's own models adjust their settings).
 """
 
 import hashlib
+import json
 import os
 import tempfile
 
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
-from .cache import cache_dir
+from qwen_vl.cache import cache_dir
+
+from .checkpoint_facts import CheckpointFacts
 from .config import check_tensor_parallel
 from .quantization import check_quantization
-from .tokenizer import IM_END_ID, IM_START_ID
+from .renderer import RENDERER_MODE
 
 GENERATION_CONFIG = "generation_config.json"
 
 
 def chat_generation_config(model_config) -> None:
-    from vllm.transformers_utils.config import try_get_generation_config
-
     if model_config.generation_config != "auto":
         return
-    config = try_get_generation_config(model_config.model, trust_remote_code=model_config.trust_remote_code,
-                                       revision=model_config.revision)
-    if config is None or getattr(config, "chat_format", None) != "chatml":
+    checkpoint = CheckpointFacts(model_config)
+    if not checkpoint.chatml:
         return
-    eos = config.eos_token_id
+    eos = checkpoint.generation_config.get("eos_token_id")
     ids = [eos] if isinstance(eos, int) else list(eos or [])
-    wanted = ids + [i for i in (IM_END_ID, IM_START_ID) if i not in ids]
+    wanted = ids + [i for i in checkpoint.stop_token_ids if i not in ids]
     if wanted == ids:
         return
-    config.eos_token_id = wanted
-    text = config.to_json_string(use_diff=True)
+    # As transformers writes a generation config (GenerationConfig.to_json_string).
+    text = json.dumps({**checkpoint.generation_config, "eos_token_id": wanted}, indent=2, sort_keys=True) + "\n"
     directory = cache_dir() / "generation-configs" / hashlib.sha256(text.encode()).hexdigest()[:32]
     if not (directory / GENERATION_CONFIG).exists():
         directory.mkdir(parents=True, exist_ok=True)
@@ -71,6 +75,11 @@ def chat_generation_config(model_config) -> None:
             out.write(text)
         os.replace(tmp, directory / GENERATION_CONFIG)
     model_config.generation_config = str(directory)
+
+
+def use_qwen_vl_renderer(model_config) -> None:
+    if model_config.tokenizer_mode in ("auto", "hf"):
+        model_config.tokenizer_mode = RENDERER_MODE
 
 
 def keep_image_mode(model_config) -> None:
@@ -114,6 +123,7 @@ class QWenServingDefaults(VerifyAndUpdateConfig):
     def verify_and_update_model_config(model_config) -> None:
         check_dtype(model_config)
         chat_generation_config(model_config)
+        use_qwen_vl_renderer(model_config)
         keep_image_mode(model_config)
 
     @staticmethod

@@ -24,7 +24,7 @@ import transformers
 from tokenizers import AddedToken, normalizers
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
-from qwen_vl.model_executor.cache import cache_dir
+from qwen_vl.cache import cache_dir
 from qwen_vl.model_executor.config import QWenConfig, register_config
 
 TIKTOKEN_FILE = "qwen.tiktoken"
@@ -64,6 +64,8 @@ VOCAB_SIZE = BASE_VOCAB_SIZE + len(SPECIAL_TOKENS)  # 151860; the model pads its
 
 # Visual features per image: the adapter's 16x16 learned queries.
 IMAGE_TOKENS_PER_IMAGE = 256
+# An image in a prompt: `<img>`, a pad for each visual feature, `</img>` (258 positions).
+IMAGE_SPAN = [IMG_START_ID] + [IMG_PAD_ID] * IMAGE_TOKENS_PER_IMAGE + [IMG_END_ID]
 
 # Part of the cache key: a change to how the backend is built must not reuse an old build.
 _RECIPE = "\n".join([PATTERN, "NFC", *SPECIAL_TOKENS, "grounding-not-special", tokenizers.__version__])

@@ -15,22 +15,23 @@ import sys
 def main(argv: list[str] | None = None) -> None:
     from qwen_vl.server.settings import parse
 
-    settings, engine_args, args = parse(argv)
+    settings = parse(argv)
+    process, engine_args = settings.server, settings.engine_args
     from qwen_vl.server.cpu import apply_cpu_defaults
 
     # Before the engine starts: its processes read these variables.
-    apply_cpu_defaults(engine_args, args.cpu_threads_bind, args.cpu_preload)
+    apply_cpu_defaults(engine_args, process.cpu_threads_bind, process.cpu_preload)
     from qwen_vl.engine.engine import Engine, configuration_error, run_headless
 
-    if args.headless:
+    if process.headless:
         try:
-            run_headless(engine_args, args.images_per_step, args.decode_pause_budget)
+            run_headless(engine_args, process.images_per_step, process.decode_pause_budget)
         except ValueError as error:
             refuse(configuration_error(error))
         return
     # force: zentorch's import (ZenCpuPlatform) configures the root logger first, at WARNING.
     logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+        level=process.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
         force=True,
     )
     from vllm.platforms import current_platform
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     from qwen_vl.api.app import create_app
 
     try:
-        engine = Engine(engine_args, args.images_per_step, args.decode_pause_budget)
+        engine = Engine(engine_args, process.images_per_step, process.decode_pause_budget)
     except ValueError as error:
         refuse(configuration_error(error))
     engine_died = False
@@ -53,10 +54,10 @@ def main(argv: list[str] | None = None) -> None:
         engine_died = True
         server.should_exit = True
 
-    app = create_app(settings, engine, on_engine_dead)
+    app = create_app(settings.api, engine, on_engine_dead)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level,
-        timeout_graceful_shutdown=settings.shutdown_grace_period,
+        app, host=process.host, port=process.port, log_level=process.log_level,
+        timeout_graceful_shutdown=process.shutdown_grace_period,
     )
     server = uvicorn.Server(config)
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the

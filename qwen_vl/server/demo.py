@@ -49,8 +49,8 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import LLM, SamplingParams
 
-    from qwen_vl.model_executor.checkpoint import demo_checkpoint
-    from qwen_vl.model_executor.tokenizer import IM_END_ID, IM_START_ID
+    from qwen_vl.model_executor.checkpoint_facts import CheckpointFacts
+    from qwen_vl.testing.checkpoint import demo_checkpoint
 
     model = args.model or str(demo_checkpoint())
     image = Image.open(args.image) if args.image else sample_image()
@@ -60,11 +60,12 @@ def main() -> None:
     ready = time.perf_counter()
 
     # The checkpoint's generation_config.json (Qwen-VL-Chat: top_p 0.3) sets
-    # the sampling defaults, as in the original `chat()`.
-    defaults = llm.model_config.get_diff_sampling_param()
-    params = SamplingParams.from_optional(
-        **{**defaults, "max_tokens": args.max_tokens, "stop_token_ids": [IM_END_ID, IM_START_ID], "seed": 0}
-    )
+    # the sampling defaults, as in the original `chat()`; so do its stops.
+    checkpoint = CheckpointFacts(llm.model_config)
+    params = SamplingParams.from_optional(**{
+        **checkpoint.sampling_defaults, "max_tokens": args.max_tokens,
+        "stop_token_ids": list(checkpoint.stop_token_ids), "seed": 0,
+    })
     request = {"prompt": chat_prompt(args.question), "multi_modal_data": {"image": image}}
     output = llm.generate([request], params, use_tqdm=False)[0].outputs[0]
     done = time.perf_counter()

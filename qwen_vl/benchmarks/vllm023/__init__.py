@@ -72,8 +72,8 @@ def prepare_checkpoint(model: Path, cache: Path | None = None) -> Path:
     """A copy of checkpoint `model` that vLLM 0.23 serves (see the module docstring); the
     weights are links, so it costs a few MB. Rewritten on every call (cheap), so it follows
     changes to the checkpoint and to our remote code."""
+    from qwen_vl.cache import cache_dir
     from qwen_vl.model_executor import CHAT_TEMPLATE
-    from qwen_vl.model_executor.cache import cache_dir
 
     model = Path(model).resolve()
     if not (model / "config.json").exists():
@@ -109,14 +109,15 @@ def _check_auto_map(target: Path) -> None:
 
 
 def _write_generation_config(model: Path, target: Path) -> None:
-    from qwen_vl.model_executor.tokenizer import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
+    from qwen_vl.model_executor.chat_prompt import CHAT_STOP_TOKEN_IDS
+    from qwen_vl.model_executor.tokenizer import ENDOFTEXT_ID
 
     source = model / "generation_config.json"
     config = json.loads(source.read_text()) if source.exists() else {}
     if config.get("chat_format") == "chatml":
         eos = config.get("eos_token_id", ENDOFTEXT_ID)
         ids = [eos] if isinstance(eos, int) else list(eos)
-        config["eos_token_id"] = ids + [i for i in (IM_END_ID, IM_START_ID) if i not in ids]
+        config["eos_token_id"] = ids + [i for i in CHAT_STOP_TOKEN_IDS if i not in ids]
     (target / "generation_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 
 from qwen_vl.benchmarks import compare
+from qwen_vl.benchmarks.harness import SERVED_MODEL, Server, checkpoint_for, server_command, server_env
 from qwen_vl.benchmarks.workloads import build_workload
 
 
@@ -32,13 +33,12 @@ def ask(url: str, body: dict, timeout: float) -> dict:
 
 
 def answers(system: str, model: Path, requests: list, args, env: dict) -> list[dict]:
-    port = compare.free_port()
-    server = compare.Server(system, compare.server_command(system, model, port, args), port,
-                            args.out_dir / f"parity-{system}.log", compare.server_env(system, env, args))
+    server = Server(system, lambda port: server_command(system, model, port, args), args.out_dir / f"parity-{system}.log",
+                    server_env(system, env, args))
     print(f"[{system}] starting: {shlex.join(server.command)}", file=sys.stderr)
     try:
         print(f"[{system}] ready in {server.start(args.start_timeout):.1f} s", file=sys.stderr)
-        return [ask(server.url, request.body(compare.SERVED_MODEL), args.request_timeout) for request in requests]
+        return [ask(server.url, request.body(SERVED_MODEL), args.request_timeout) for request in requests]
     finally:
         server.stop()
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> bool:
     parser.description = "Token parity of this server and vLLM 0.23 (see the module docstring)."
     parser.set_defaults(dtype="float32", num_requests=4, max_tokens=16, out_dir=Path("bench-results/vllm023"))
     args = parser.parse_args(argv)
-    model = args.model or compare.checkpoint_for(args.preset)
+    model = args.model or checkpoint_for(args.preset)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     requests = build_workload(args.workload, args.num_requests, args.seed, args.max_tokens)
     requests += build_workload("text", 1, args.seed, args.max_tokens)

@@ -7,7 +7,7 @@ names, shapes (relative to the config) and sharded index. Values are scaled so a
 O(1) through the layers, and every norm gain and bias is randomised, so a misplaced norm or a
 dropped bias changes the output instead of hiding behind ones and zeros.
 
-    python -m qwen_vl.model_executor.checkpoint OUT_DIR --preset tiny [--seed N] [--bin] [--no-safetensors]
+    python -m qwen_vl.testing.checkpoint OUT_DIR --preset tiny [--seed N] [--bin] [--no-safetensors]
         [--shards N] [--dtype bfloat16] [--quantization gptq|awq [--group-size 128] [--dequantized DIR]]
 
 With --quantization, the decoder's linear layers (QUANTIZED_LINEARS) are quantized to 4 bits by
@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from qwen_vl.model_executor import quantize
-from qwen_vl.model_executor.cache import cache_dir
+from qwen_vl.cache import cache_dir
 from qwen_vl.model_executor.config import QWenConfig
 from qwen_vl.model_executor.tokenizer import TIKTOKEN_FILE, VOCAB_SIZE, qwen_tiktoken_path
+from qwen_vl.testing import quantize
 
 # Config overrides on top of the real checkpoint's config (QWenConfig's defaults).
 # `visual` entries are merged into the real visual dict. The adapter has output_dim // 128 heads
@@ -432,7 +432,7 @@ def demo_checkpoint() -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m qwen_vl.model_executor.checkpoint",
+        prog="python -m qwen_vl.testing.checkpoint",
         description="Write a random checkpoint in the exact Qwen-VL-Chat layout.",
     )
     parser.add_argument("out_dir", type=Path, help="directory to write (created if missing)")
