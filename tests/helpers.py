@@ -8,6 +8,7 @@ import contextlib
 import io
 import os
 import random
+import time
 from pathlib import Path
 
 import httpx
@@ -81,6 +82,25 @@ def assert_error(response: httpx.Response, status: int, *, code=None, param=None
 
 # ---- images: deterministic, with distinct, textured content (so that a wrong resize, channel
 # order or normalisation changes the encoder's output) ------------------------------------------
+
+
+def unfinished_in_engine(server: str) -> float:
+    """The server's qwen_vl_requests_unfinished gauge: requests its engine holds now."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(f"{server}/metrics", timeout=30).text):
+        if family.name == "qwen_vl_requests_unfinished":
+            return family.samples[0].value
+    raise AssertionError("qwen_vl_requests_unfinished missing")
+
+
+def wait_until_the_engine_is_idle(server: str, timeout: float = 10.0) -> float:
+    """Polls the gauge until the engine holds no request (an abort reaches it shortly after the
+    client goes) or `timeout` passes; returns the gauge's last value."""
+    deadline = time.monotonic() + timeout
+    while (unfinished := unfinished_in_engine(server)) != 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return unfinished
 
 
 def pattern_image(seed: int, size: tuple[int, int] = (448, 448), mode: str = "RGB") -> Image.Image:

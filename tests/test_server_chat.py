@@ -3,12 +3,22 @@ answers equal the offline engine's greedy output for the same conversation,
 in every shape the API takes images and turns."""
 
 import asyncio
-import time
 
 import httpx
 import pytest
 
-from tests.helpers import AUTH, MAX_TOKENS, SERVED_MODEL, data_url, image_part, offline_answer, pattern_image, post
+from tests.helpers import (
+    AUTH,
+    MAX_TOKENS,
+    SERVED_MODEL,
+    data_url,
+    image_part,
+    offline_answer,
+    pattern_image,
+    post,
+    unfinished_in_engine,
+    wait_until_the_engine_is_idle,
+)
 
 
 def ask(client, messages, **kwargs):
@@ -130,16 +140,6 @@ def test_32_concurrent_streams_match_their_sequential_outputs(async_client):
     assert concurrent == sequential
 
 
-def unfinished_in_engine(server) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{server}/metrics").text
-    for family in text_string_to_metric_families(text):
-        if family.name == "qwen_vl_requests_unfinished":
-            return family.samples[0].value
-    raise AssertionError("qwen_vl_requests_unfinished missing")
-
-
 def test_client_disconnect_mid_stream_aborts_the_request(server):
     # Nearly the whole context: still generating when the client hangs up, however fast the machine.
     body = {"model": SERVED_MODEL, "messages": [{"role": "user", "content": "Write a long story."}],
@@ -150,11 +150,7 @@ def test_client_disconnect_mid_stream_aborts_the_request(server):
         assert any(line.startswith("data: ") for line in received)
         assert unfinished_in_engine(server) >= 1
     # The connection is closed mid-stream: the engine must drop the request.
-    for _ in range(100):
-        if unfinished_in_engine(server) == 0:
-            break
-        time.sleep(0.1)
-    assert unfinished_in_engine(server) == 0
+    assert wait_until_the_engine_is_idle(server) == 0
 
 
 def test_client_disconnect_before_a_non_streamed_answer_aborts_it(server):
@@ -162,8 +158,4 @@ def test_client_disconnect_before_a_non_streamed_answer_aborts_it(server):
             "max_tokens": 8000, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         post(server, "/v1/chat/completions", body, timeout=httpx.Timeout(60, read=2.0))
-    for _ in range(100):
-        if unfinished_in_engine(server) == 0:
-            break
-        time.sleep(0.1)
-    assert unfinished_in_engine(server) == 0
+    assert wait_until_the_engine_is_idle(server) == 0

@@ -9,7 +9,7 @@ import time
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import AUTH, SERVED_MODEL, data_url, image_part, pattern_image, post
+from tests.helpers import AUTH, SERVED_MODEL, data_url, image_part, pattern_image, post, wait_until_the_engine_is_idle
 
 FAMILIES = {
     "qwen_vl_requests": "counter",
@@ -192,10 +192,7 @@ def scrapes_during_generation(server: str) -> list[dict[str, float]]:
     finally:
         stop.set()
         watcher.join()
-    for _ in range(100):
-        if scrape(server)["qwen_vl_requests_unfinished"] == 0:
-            break
-        time.sleep(0.1)
+    wait_until_the_engine_is_idle(server)
     return scrapes
 
 
