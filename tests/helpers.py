@@ -22,6 +22,11 @@ API_KEY = "test-key"
 SERVED_MODEL = "qwen-vl-tiny"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
+# One HTTP client for the whole session. A new httpx client parses the CA bundle (ssl's
+# load_verify_locations), which took 2-15 s of this VM's time now and then while an engine was
+# streaming (measured 2026-12-06), long enough for a test's request to miss what it was sent to see.
+http = httpx.Client(timeout=120)
+
 # ---- requests ------------------------------------------------------------------------------
 
 
@@ -30,9 +35,9 @@ def post(server: str, path: str, body=None, *, content: bytes | None = None, hea
     """POST `body` as JSON, or `content` (bytes sent as they are, labelled JSON), to `server`'s
     `path`, with the test key unless `headers` say otherwise."""
     if content is not None:
-        return httpx.post(f"{server}{path}", content=content, headers={**headers, "Content-Type": "application/json"},
+        return http.post(f"{server}{path}", content=content, headers={**headers, "Content-Type": "application/json"},
                           timeout=timeout)
-    return httpx.post(f"{server}{path}", json=body, headers=headers, timeout=timeout)
+    return http.post(f"{server}{path}", json=body, headers=headers, timeout=timeout)
 
 
 def chat_body(content="Hello", **fields) -> dict:
@@ -88,7 +93,7 @@ def unfinished_in_engine(server: str) -> float:
     """The server's qwen_vl_requests_unfinished gauge: requests its engine holds now."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    for family in text_string_to_metric_families(httpx.get(f"{server}/metrics", timeout=30).text):
+    for family in text_string_to_metric_families(http.get(f"{server}/metrics", timeout=30).text):
         if family.name == "qwen_vl_requests_unfinished":
             return family.samples[0].value
     raise AssertionError("qwen_vl_requests_unfinished missing")

@@ -7,13 +7,12 @@ import json
 import socket
 from urllib.parse import urlsplit
 
-import httpx
 import jsonschema
 import pytest
 
 from qwen_vl.api.grounding import parse_grounding
 from qwen_vl.model_executor.tokenizer import ENDOFTEXT_ID, IM_END_ID, IMG_PAD_ID
-from tests.helpers import AUTH, SERVED_MODEL, assert_error, chat_body, data_url, image_part, pattern_image, post
+from tests.helpers import AUTH, SERVED_MODEL, assert_error, chat_body, data_url, http, image_part, pattern_image, post
 
 # Qwen-VL's grounding markup, as the playground's "ground" toggle asks for it.
 BOX_REGEX = r"<ref>[a-z ]{1,16}</ref><box>\(\d{1,3},\d{1,3}\),\(\d{1,3},\d{1,3}\)</box>"
@@ -181,7 +180,7 @@ def test_return_tokens_as_token_ids_names_tokens_by_id(server):
 def test_return_token_ids_in_a_stream_give_the_prompt_first_then_each_delta(server, image_host):
     body = chat_body(max_tokens=5, ignore_eos=True, stream=True, return_token_ids=True)
     prompt, tokens = None, []
-    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, headers=AUTH, timeout=120) as response:
+    with http.stream("POST", f"{server}/v1/chat/completions", json=body, headers=AUTH, timeout=120) as response:
         for line in response.iter_lines():
             if line.startswith("data: {"):
                 chunk = json.loads(line[6:])
@@ -251,7 +250,7 @@ def test_echo_prepends_the_prompt_and_its_logprobs(server):
 def test_streamed_echo_starts_with_the_prompt(server):
     body = {"model": SERVED_MODEL, "prompt": "Hello there", "max_tokens": 2, "ignore_eos": True, "echo": True,
             "stream": True}
-    with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=AUTH, timeout=120) as response:
+    with http.stream("POST", f"{server}/v1/completions", json=body, headers=AUTH, timeout=120) as response:
         texts = [json.loads(line[6:])["choices"][0]["text"] for line in response.iter_lines()
                  if line.startswith("data: {") and json.loads(line[6:])["choices"]]
     assert texts[0].startswith("Hello there")
@@ -320,7 +319,7 @@ def test_detokenize_refuses_an_id_beyond_the_vocabulary(server):
 
 
 def test_a_request_without_the_key_gets_401_even_with_invalid_json(server):
-    response = httpx.post(f"{server}/v1/chat/completions", content=b"{not json",
+    response = http.post(f"{server}/v1/chat/completions", content=b"{not json",
                           headers={"Content-Type": "application/json"}, timeout=30)
     assert_error(response, 401, code="invalid_api_key", says="API key")
 

@@ -13,12 +13,11 @@ import random
 import struct
 import zlib
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import MAX_TOKENS, SERVED_MODEL, assert_error, chat_body, data_url, image_part, offline_answer, pattern_image, post, with_image
+from tests.helpers import MAX_TOKENS, SERVED_MODEL, assert_error, chat_body, data_url, http, image_part, offline_answer, pattern_image, post, with_image
 
 
 def encoded(image: Image.Image, format: str, **options) -> bytes:
@@ -263,6 +262,6 @@ def test_a_stop_sequence_of_a_million_characters_is_harmless(server):
 
 
 def test_the_server_is_still_healthy(server):
-    assert httpx.get(f"{server}/health", timeout=30).status_code == 200
+    assert http.get(f"{server}/health", timeout=30).status_code == 200
     response = post(server, "/v1/chat/completions", chat_body("Still there?", temperature=0))
     assert response.status_code == 200, response.text

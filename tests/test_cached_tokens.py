@@ -7,10 +7,9 @@ import json
 import re
 import uuid
 
-import httpx
 import pytest
 
-from tests.helpers import AUTH, SERVED_MODEL, data_url, image_part, pattern_image, post
+from tests.helpers import AUTH, SERVED_MODEL, data_url, http, image_part, pattern_image, post
 
 
 def chat_request(seed: int) -> tuple[str, dict]:
@@ -33,7 +32,7 @@ def usage_of(server: str, path: str, body: dict, stream: bool) -> dict:
         assert response.status_code == 200, response.text
         return response.json()["usage"]
     body |= {"stream": True, "stream_options": {"include_usage": True}}
-    with httpx.stream("POST", f"{server}{path}", json=body, headers=AUTH, timeout=120) as response:
+    with http.stream("POST", f"{server}{path}", json=body, headers=AUTH, timeout=120) as response:
         assert response.status_code == 200, response.read()
         events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -41,7 +40,7 @@ def usage_of(server: str, path: str, body: dict, stream: bool) -> dict:
 
 
 def cached_counter(server: str) -> float:
-    text = httpx.get(f"{server}/metrics", timeout=10).text
+    text = http.get(f"{server}/metrics", timeout=10).text
     return float(re.search(r"^qwen_vl_cached_prompt_tokens_total (\S+)$", text, re.M)[1])
 
 

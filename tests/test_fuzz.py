@@ -16,11 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 import schemathesis
 
-from tests.helpers import API_KEY
+from tests.helpers import API_KEY, http
 
 MAX_EXAMPLES = 25
 OPERATIONS = [
@@ -51,7 +50,7 @@ def test_the_schema_documents_every_fuzzed_operation(api_schema):
 
 @pytest.mark.parametrize("path", sorted(TEXT_RESPONSES))
 def test_the_schema_documents_what_health_and_metrics_send(api_schema, server, path):
-    response = httpx.get(f"{server}{path}", timeout=30)
+    response = http.get(f"{server}{path}", timeout=30)
     documented = api_schema.raw_schema["paths"][path]["get"]["responses"]["200"].get("content", {})
     assert response.headers.get("content-type", "").split(";")[0] in documented or (
         not response.content and not documented

@@ -12,6 +12,7 @@ from tests.helpers import (
     MAX_TOKENS,
     SERVED_MODEL,
     data_url,
+    http,
     image_part,
     offline_answer,
     pattern_image,
@@ -144,7 +145,7 @@ def test_client_disconnect_mid_stream_aborts_the_request(server):
     # Nearly the whole context: still generating when the client hangs up, however fast the machine.
     body = {"model": SERVED_MODEL, "messages": [{"role": "user", "content": "Write a long story."}],
             "max_tokens": 8000, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, headers=AUTH, timeout=60) as response:
+    with http.stream("POST", f"{server}/v1/chat/completions", json=body, headers=AUTH, timeout=60) as response:
         lines = response.iter_lines()
         received = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: ") for line in received)

@@ -9,7 +9,7 @@ import time
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import AUTH, SERVED_MODEL, data_url, image_part, pattern_image, post, wait_until_the_engine_is_idle
+from tests.helpers import AUTH, SERVED_MODEL, data_url, http, image_part, pattern_image, post, wait_until_the_engine_is_idle
 
 FAMILIES = {
     "qwen_vl_requests": "counter",
@@ -29,7 +29,7 @@ FAMILIES = {
 
 def scrape(server: str) -> dict[str, float]:
     """Every sample, keyed `name{label="value",...}` (labels sorted), as written."""
-    response = httpx.get(f"{server}/metrics", timeout=30)
+    response = http.get(f"{server}/metrics", timeout=30)
     assert response.status_code == 200
     samples = {}
     for family in text_string_to_metric_families(response.text):
@@ -40,7 +40,7 @@ def scrape(server: str) -> dict[str, float]:
 
 
 def families(server: str) -> dict[str, str]:
-    response = httpx.get(f"{server}/metrics", timeout=30)
+    response = http.get(f"{server}/metrics", timeout=30)
     return {family.name: family.type for family in text_string_to_metric_families(response.text)}
 
 
@@ -58,7 +58,7 @@ def stream_completion(server: str, on_first_chunk=None, **fields) -> list[dict]:
     body = {"model": SERVED_MODEL, "prompt": "The weather today", "stream": True, "temperature": 0,
             "ignore_eos": True, "stream_options": {"include_usage": True}, **fields}
     chunks = []
-    with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=AUTH, timeout=120) as response:
+    with http.stream("POST", f"{server}/v1/completions", json=body, headers=AUTH, timeout=120) as response:
         assert response.status_code == 200
         for line in response.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
@@ -69,7 +69,7 @@ def stream_completion(server: str, on_first_chunk=None, **fields) -> list[dict]:
 
 
 def test_metrics_are_served_in_prometheus_text_format_without_a_key(server):
-    response = httpx.get(f"{server}/metrics", timeout=30)
+    response = http.get(f"{server}/metrics", timeout=30)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=")
 
@@ -108,7 +108,7 @@ def test_a_refused_request_counts_with_its_4xx_status(server):
 
 def test_an_unknown_route_counts_as_other(server):
     before = scrape(server)
-    assert httpx.get(f"{server}/no/such/route", timeout=30).status_code == 404
+    assert http.get(f"{server}/no/such/route", timeout=30).status_code == 404
     after = scrape(server)
     assert grew(before, after, 'qwen_vl_requests_total{endpoint="other",status="404"}') == 1
 
@@ -181,7 +181,7 @@ def scrapes_during_generation(server: str) -> list[dict[str, float]]:
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        with httpx.stream("POST", f"{server}/v1/completions", headers=AUTH, timeout=300, json={
+        with http.stream("POST", f"{server}/v1/completions", headers=AUTH, timeout=300, json={
             "model": SERVED_MODEL, "prompt": "The weather today", "stream": True, "ignore_eos": True,
             "max_tokens": 8000,
         }) as response:
