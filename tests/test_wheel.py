@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LOADED = """
 import sys
 
+import qwen_vl.api.app
 import qwen_vl.benchmarks.baseline_server
 import qwen_vl.benchmarks.compare
 
@@ -45,14 +46,22 @@ def installed_wheel(tmp_path_factory) -> Path:
     return site
 
 
-def test_compare_and_its_baseline_server_import_from_the_installed_wheel(installed_wheel, tmp_path):
+def test_the_wheel_holds_every_file_of_the_package(installed_wheel):
+    in_tree = {p.relative_to(ROOT).as_posix() for p in (ROOT / "qwen_vl").rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}
+    in_wheel = {p.relative_to(installed_wheel).as_posix() for p in (installed_wheel / "qwen_vl").rglob("*") if p.is_file()}
+    assert in_tree - in_wheel == set()
+
+
+def test_the_server_compare_and_its_baseline_import_from_the_installed_wheel(installed_wheel, tmp_path):
     # Run outside the repository, the wheel first on the path (before the editable install's
     # finder, which comes after every path entry).
     done = subprocess.run([sys.executable, "-c", LOADED], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(installed_wheel)})
     assert done.returncode == 0, done.stderr[-5000:]
     loaded = dict(line.split(" ", 1) for line in done.stdout.splitlines())
-    assert {"qwen_vl.benchmarks.baseline_server", "qwen_vl.benchmarks.compare", "qwen_vl.testing.reference"} <= loaded.keys()
+    assert {"qwen_vl.api.app", "qwen_vl.api.routes.chat", "qwen_vl.benchmarks.baseline_server",
+            "qwen_vl.benchmarks.compare", "qwen_vl.testing.reference"} <= loaded.keys()
     assert not [name for name in loaded if name.partition(".")[0] == "tests"]
     for name, file in loaded.items():
         assert Path(file).is_relative_to(installed_wheel), (name, file)
