@@ -63,6 +63,16 @@ def _options(cls: type) -> list[tuple[dataclasses.Field, Option, type, str]]:
     return found
 
 
+class Repeated(argparse._AppendAction):
+    """A repeatable flag whose uses replace its default (its variable's values) rather than add
+    to it, as every other flag beats its variable; argparse's own append would add."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is self.default:
+            setattr(namespace, self.dest, None)
+        super().__call__(parser, namespace, values, option_string)
+
+
 def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
     """The flags of `cls`'s declared fields, each in its option's group."""
     groups = {group.title: group for group in parser._action_groups}
@@ -79,7 +89,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
             else:
                 details.update(action="store_true", default=False)
         elif typing.get_origin(kind) is tuple:
-            details.update(action="append", default=None, type=typing.get_args(kind)[0])
+            details.update(action=Repeated, default=None, type=typing.get_args(kind)[0])
         else:
             details.update(type=kind, default=field.default, metavar=declared.metavar)
         groups[declared.group].add_argument(flag, **details)

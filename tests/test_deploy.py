@@ -117,8 +117,11 @@ def test_an_environment_variable_sets_its_flags_value_and_the_flag_beats_it(monk
     # Each read as its flag's type: a number, a list (space-separated), a switch (1/0, yes/no, ...).
     assert (args.port, args.max_model_len, args.api_key) == (9123, 1024, ["one", "two"])
     assert (args.no_playground, args.enforce_eager, args.cpu_preload) == (True, True, False)
-    flags = build_parser().parse_args(["--port", "9000", "--cpu-preload", "--no-enforce-eager"])
+    flags = build_parser().parse_args(["--port", "9000", "--cpu-preload", "--no-enforce-eager", "--api-key", "three",
+                                       "--api-key", "four"])
     assert (flags.port, flags.cpu_preload, flags.enforce_eager) == (9000, True, False)
+    assert flags.api_key == ["three", "four"]  # the flags replace the variable's keys
+    assert build_parser().parse_args([]).api_key == ["one", "two"]  # and did not change its default
 
 
 @pytest.mark.parametrize(
