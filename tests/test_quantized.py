@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 from vllm import LLM, SamplingParams
 from vllm.engine.arg_utils import EngineArgs
+from vllm.platforms import current_platform
 
 from qwen_vl.benchmarks.harness import Server, free_port
 from qwen_vl.model_executor.quantization import check_zero_points, checked_extra
@@ -32,7 +33,9 @@ from tests.helpers import API_KEY, CASE_NAMES, SERVED_MODEL, chat_answers, cpu_t
 # a bfloat16 engine against the float32 reference (float16, on x86 CpuPlatform, is closer).
 # Unquantized (bfloat16 weights): top-20 log-probabilities of every step within 0.034, each served
 # token at most 0.010 below the reference's best. GPTQ and AWQ (the reference on the dequantized
-# weights): 0.038 and 0.027 (vLLM's CPU kernel dequantizes in bfloat16).
+# weights): 0.038 and 0.027 with vLLM's generic CPU kernel (it dequantizes in bfloat16); GPTQ through
+# zentorch's W4A16 kernel (the plugin's default on AMD CPUs): 0.035, each token at most 0.027 below
+# the reference's best; the same with vLLM's own default of 8-bit activations (DA8W4): 0.073.
 LOGPROB_TOLERANCE = 0.05
 MARGIN_TOLERANCE = 0.05
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=20)
@@ -220,7 +223,7 @@ def test_gptq_at_real_widths_split_across_two_ranks_matches_the_reference(layout
 
 @pytest.fixture(scope="module")
 def two_servers(gptq_checkpoint, tmp_path_factory):
-    """Our server and `vllm serve` on the GPTQ checkpoint, each at its default dtype."""
+    """Our server and `vllm serve` on the GPTQ checkpoint, each at its default dtype: name -> Server."""
     logs = tmp_path_factory.mktemp("int4-servers")
     commands = {
         "ours": [sys.executable, "-m", "qwen_vl.server", "--api-key", API_KEY],
@@ -233,7 +236,7 @@ def two_servers(gptq_checkpoint, tmp_path_factory):
             servers.append(started(Server(name, lambda port: [
                 *command, "--model", str(gptq_checkpoint), "--port", str(port), "--served-model-name", SERVED_MODEL,
                 "--enforce-eager", "--seed", "0"], logs / f"{name}.log")))
-        yield {server.name: server.url for server in servers}
+        yield {server.name: server for server in servers}
     finally:
         for server in servers:
             server.stop()
@@ -244,11 +247,22 @@ def test_our_server_and_vllm_serve_give_the_same_int4_answer(two_servers):
             "messages": [{"role": "user", "content": [
                 image_part(data_url(pattern_image(3, (400, 300)))),
                 {"type": "text", "text": "What is in this picture?"}]}]}
-    answers = chat_answers(two_servers, body, timeout=300)
+    answers = chat_answers({name: server.url for name, server in two_servers.items()}, body, timeout=300)
     counts = {name: {k: answer["usage"][k] for k in ("prompt_tokens", "completion_tokens")} for name, answer in answers.items()}
     assert counts["ours"] == counts["vllm serve"] == {"prompt_tokens": counts["ours"]["prompt_tokens"], "completion_tokens": 16}
     ours, theirs = (answers[name]["choices"][0]["message"]["content"] for name in ("ours", "vllm serve"))
     assert ours.strip() == theirs.strip() and ours.strip()
+
+
+@pytest.mark.skipif(not current_platform.is_zen_cpu(), reason="zentorch's kernel serves 4-bit layers on AMD Zen CPUs only")
+def test_on_zen_cpus_gptq_layers_take_zentorchs_fast_path_with_16_bit_activations(two_servers):
+    """Both ways in: the GPTQ layers turned to the layout zentorch's fast path takes
+    (quantization.gptq_in_zentorch_layout), which then multiplies 16-bit activations
+    (`zentorch_woq_linear`), not 8-bit ones (keep_16_bit_activations) nor the generic kernel."""
+    for name, server in two_servers.items():
+        log = server.log.read_text(errors="replace")
+        assert "Using zentorch_woq_linear for W4A16 GPTQ" in log, name
+        assert "DA8W4" not in log and "fast path not eligible" not in log, name
 
 
 # -- refusals --------------------------------------------------------------------------------

@@ -73,6 +73,13 @@ vLLM's internals (no public extension point does it):
 - 4-bit tensors vLLM's layers drop silently (`g_idx`, `qzeros`, zero biases) are checked by
   `load_weights` (quantization.py). Test:
   test_quantized.py::test_tensors_the_4_bit_layers_do_not_take_are_checked_not_ignored.
+- 4-bit layers on AMD Zen CPUs (quantization.py): `load_weights` turns GPTQ layers that vLLM gave
+  zentorch's kernel (`ZentorchWNA16LinearKernel`) to the layout its fast path checks for
+  (`gptq_in_zentorch_layout`: the same words, transposed, with the attributes the kernel reads),
+  and the per-architecture hook sets vLLM's VLLM_CPU_INT4_W4A8 to 0 unless the user set it
+  (`keep_16_bit_activations`), so that layers multiply 16-bit activations as the original does.
+  Test: test_quantized.py::test_on_zen_cpus_gptq_layers_take_zentorchs_fast_path_with_16_bit_activations
+  and the GPTQ parity tests there.
 - Beside vLLM, not in it: qwen_vl/_torch_extras.py makes torchvision, torchaudio and torchcodec
   builds that cannot load look absent to transformers, which vLLM imports. Test:
   test_torch_extras.py::test_importing_qwen_vl_first_hides_them.

@@ -50,7 +50,7 @@ from vllm.sequence import IntermediateTensors
 
 from .config import QWenConfig
 from .processor import QwenVLDummyInputsBuilder, QwenVLMultiModalProcessor, QwenVLProcessingInfo
-from .quantization import check_zero_points, checked_extra
+from .quantization import check_zero_points, checked_extra, gptq_in_zentorch_layout
 from .rotary import NTKRotaryEmbedding, alpha_codes_needed, encoded_positions, logn_scale_table
 from .visual import NUM_QUERIES, VisionTransformer
 
@@ -349,6 +349,8 @@ class QWenLMHeadModel(nn.Module, SupportsMultiModal, SupportsMRoPE, SupportsPP):
         missing = expected - seen
         if missing:
             raise ValueError(f"tensors missing from the checkpoint: {', '.join(sorted(missing))}")
+        if quant_config is not None:
+            gptq_in_zentorch_layout(self)
         return set(params)
 
 

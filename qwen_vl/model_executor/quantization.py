@@ -42,6 +42,8 @@ verifies what vLLM would silently assume: a `g_idx` that is i // group_size, zer
 biases that are zero.
 """
 
+import os
+
 import torch
 
 GPTQ_ZERO = 8  # the symmetric 4-bit zero vLLM's GPTQ kernels (uint4b8) assume
@@ -130,6 +132,27 @@ def check_quantization(vllm_config) -> None:
                 ) from None
 
 
+W4A8_ENV = "VLLM_CPU_INT4_W4A8"
+
+
+def keep_16_bit_activations(vllm_config) -> None:
+    """On CPUs, 4-bit layers multiply 16-bit activations, as the original does, unless the user
+    set VLLM_CPU_INT4_W4A8 themselves.
+
+    vLLM 0.32 defaults VLLM_CPU_INT4_W4A8 to 1: zentorch's kernel then quantizes each token's
+    activations to 8 bits (`zentorch_dynamic_qlinear`, DA8W4) for symmetric 4-bit layers. The
+    original (AutoGPTQ) multiplies float16 activations by the dequantized weights. Measured
+    2026-12-06 on the tiny GPTQ checkpoint against the reference on the dequantized weights: with
+    int8 activations the top log-probabilities differed by up to 0.056, over the 0.05 our 16-bit
+    path keeps (tests/test_quantized.py); with 16-bit activations (`zentorch_woq_linear`) within
+    it. Set in the process that builds the engine's config, before any worker starts: the
+    workers inherit it and vLLM reads it when it hands each layer to its kernel."""
+    from vllm.platforms import current_platform
+
+    if vllm_config.model_config.quantization is not None and current_platform.is_cpu():
+        os.environ.setdefault(W4A8_ENV, "0")
+
+
 def checked_extra(name: str, tensor: torch.Tensor, quant_config, has_bias: bool) -> bool:
     """True for a checkpoint tensor that vLLM's layers do not take but that is consistent with
     what they compute (then it is not loaded); raises for one that contradicts it."""
@@ -157,3 +180,40 @@ def check_zero_points(name: str, tensor: torch.Tensor) -> None:
             f"{name}: zero points {sorted(stored)}; vLLM's GPTQ kernels take symmetric weights (zero point 8, "
             "stored as 7 by AutoGPTQ)"
         )
+
+
+def gptq_in_zentorch_layout(model: torch.nn.Module) -> int:
+    """GPTQ layers that vLLM gave zentorch's 4-bit kernel, turned to the orientation that kernel's
+    fast path takes; returns how many. Called at the end of `load_weights`, before vLLM's
+    `process_weights_after_loading` hands each layer to its kernel.
+
+    zentorch's kernel (`ZentorchWNA16LinearKernel`, chosen on AMD Zen CPUs) repacks a layer for
+    `zentorch_woq_linear` only when its packed weight is laid out as compressed-tensors stores it,
+    [outputs, inputs/8] packed along the inputs, with scales [outputs, groups]; GPTQ's
+    [inputs/8, outputs] and [groups, outputs] fall through to the generic `cpu_gemm_wna16`, which
+    decoded the full-size Int4 model at 398-406 ms a step where the fast path takes 186-191 ms
+    (BENCHMARKS.md, same session). The two layouts hold the same words: GPTQ packs inputs 8r..8r+7 into bits
+    4k..4k+3 of row r, compressed-tensors packs them the same way along a row, so the transpose
+    of `qweight` is compressed-tensors' packed weight. Both read a stored 4-bit q as q - 8 (GPTQ's
+    uint4b8, compressed-tensors' unpacking offset), so the kernel computes the same weights.
+    Other kernels (Marlin, CPUWNA16 on other CPUs) and AWQ's layout (packed along the outputs)
+    are left as they are."""
+    from vllm.model_executor.kernels.linear.mixed_precision.zentorch import ZentorchWNA16LinearKernel
+
+    turned = 0
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "kernel", None)
+        if not isinstance(kernel, ZentorchWNA16LinearKernel):
+            continue
+        qweight, scales = getattr(module, kernel.w_q_name), getattr(module, kernel.w_s_name)
+        if getattr(qweight, "input_dim", None) != 0 or getattr(qweight, "packed_dim", None) != 0 or scales.dim() != 2:
+            continue
+        for name, tensor in ((kernel.w_q_name, qweight), (kernel.w_s_name, scales)):
+            turned_param = torch.nn.Parameter(tensor.data.t().contiguous(), requires_grad=False)
+            turned_param.input_dim, turned_param.output_dim = 1, 0
+            if name == kernel.w_q_name:
+                turned_param.packed_dim = 1
+            setattr(module, name, turned_param)
+            tensor.data = torch.empty(0, dtype=tensor.dtype)  # whoever still holds the old parameter
+        turned += 1
+    return turned

@@ -47,7 +47,7 @@ from qwen_vl.cache import cache_dir
 
 from .checkpoint_facts import CheckpointFacts
 from .config import check_tensor_parallel
-from .quantization import check_quantization
+from .quantization import check_quantization, keep_16_bit_activations
 from .renderer import RENDERER_MODE
 
 GENERATION_CONFIG = "generation_config.json"
@@ -132,6 +132,7 @@ class QWenServingDefaults(VerifyAndUpdateConfig):
         check_tensor_parallel(vllm_config.model_config.hf_config, vllm_config.parallel_config.tensor_parallel_size)
         check_pipeline_parallel(vllm_config)
         check_quantization(vllm_config)
+        keep_16_bit_activations(vllm_config)
 
 
 def register_serving_defaults(architecture: str) -> None:
