@@ -166,9 +166,11 @@ def test_a_streamed_request_records_its_latencies(server):
 
 
 def scrapes_during_generation(server: str) -> list[dict[str, float]]:
-    """The metrics, scraped every 0.05 s while one long request (nearly the whole context)
-    streams, until a scrape sees a request running or the stream ends; then the client hangs up
-    and the request's end is awaited."""
+    """The metrics, scraped every 0.05 s from the stream's first chunk on while one long request
+    (nearly the whole context) streams, until a scrape sees a request running or the stream ends;
+    then the client hangs up and the request's end is awaited. (Not before the first chunk: the
+    engine's gauges keep the last step's values while it is idle, so an earlier scrape may show
+    the previous request still running.)"""
     scrapes, stop = [], threading.Event()
 
     def watch():
@@ -179,19 +181,23 @@ def scrapes_during_generation(server: str) -> list[dict[str, float]]:
             time.sleep(0.05)
 
     watcher = threading.Thread(target=watch)
-    watcher.start()
     try:
         with http.stream("POST", f"{server}/v1/completions", headers=AUTH, timeout=300, json={
             "model": SERVED_MODEL, "prompt": "The weather today", "stream": True, "ignore_eos": True,
             "max_tokens": 8000,
         }) as response:
             assert response.status_code == 200
-            for _ in response.iter_lines():
-                if not watcher.is_alive():
-                    break
+            for line in response.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if watcher.ident is None:
+                    watcher.start()
+                elif not watcher.is_alive():
+                    break  # it saw the request running
     finally:
         stop.set()
-        watcher.join()
+        if watcher.ident is not None:
+            watcher.join()
     wait_until_the_engine_is_idle(server)
     return scrapes
 
