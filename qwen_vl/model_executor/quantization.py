@@ -145,8 +145,9 @@ def keep_16_bit_activations(vllm_config) -> None:
     2026-12-06 on the tiny GPTQ checkpoint against the reference on the dequantized weights: with
     int8 activations the top log-probabilities differed by up to 0.073, over the 0.05 our 16-bit
     path keeps (tests/test_quantized.py); with 16-bit activations (`zentorch_woq_linear`) by 0.035,
-    decoding as fast on the full-size model and prefilling 1.5x slower (BENCHMARKS.md). Set in the process that builds the engine's config, before any worker starts: the
-    workers inherit it and vLLM reads it when it hands each layer to its kernel."""
+    decoding as fast on the full-size model and prefilling 1.5x slower (BENCHMARKS.md). Set in the
+    process that builds the engine's config, before any worker starts: the workers inherit it and
+    vLLM reads it when it hands each layer to its kernel."""
     from vllm.platforms import current_platform
 
     if vllm_config.model_config.quantization is not None and current_platform.is_cpu():
