@@ -192,7 +192,7 @@ def test_a_long_prompt_beside_decoding_streams_is_prefilled_in_small_steps(tight
         async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=600) as client:
             async def stream(text: str) -> None:
                 async with client.stream("POST", "/v1/chat/completions",
-                                         json=chat(text, 400, ignore_eos=True, stream=True)) as response:
+                                         json=chat(text, 4000, ignore_eos=True, stream=True)) as response:
                     async for _ in response.aiter_lines():
                         pass
 
@@ -203,9 +203,13 @@ def test_a_long_prompt_beside_decoding_streams_is_prefilled_in_small_steps(tight
             # Two streams decoding (started one after the other: their own prefills are small) ...
             streams = [asyncio.create_task(stream(f"Count to a hundred, {name}.")) for name in ("Ann", "Bob")]
             await asyncio.sleep(1.0)
-            # ... then the long prompt arrives beside them.
+            # ... then the long prompt arrives beside them; they decode until its answer is back
+            # (long enough on any machine: the client hangs up on them then).
             long_answer = (await client.post("/v1/chat/completions", json=chat(long_content, MAX_TOKENS))).json()
-            await asyncio.gather(*streams)
+            assert not any(task.done() for task in streams)
+            for task in streams:
+                task.cancel()
+            await asyncio.gather(*streams, return_exceptions=True)
             return long_answer
 
     answer = asyncio.run(run())
