@@ -183,9 +183,9 @@ def check_zero_points(name: str, tensor: torch.Tensor) -> None:
         )
 
 
-def gptq_in_zentorch_layout(model: torch.nn.Module) -> int:
+def gptq_in_zentorch_layout(model: torch.nn.Module) -> None:
     """GPTQ layers that vLLM gave zentorch's 4-bit kernel, turned to the orientation that kernel's
-    fast path takes; returns how many. Called at the end of `load_weights`, before vLLM's
+    fast path takes. Called at the end of `load_weights`, before vLLM's
     `process_weights_after_loading` hands each layer to its kernel.
 
     zentorch's kernel (`ZentorchWNA16LinearKernel`, chosen on AMD Zen CPUs) repacks a layer for
@@ -201,7 +201,6 @@ def gptq_in_zentorch_layout(model: torch.nn.Module) -> int:
     are left as they are."""
     from vllm.model_executor.kernels.linear.mixed_precision.zentorch import ZentorchWNA16LinearKernel
 
-    turned = 0
     for module in model.modules():
         kernel = getattr(getattr(module, "quant_method", None), "kernel", None)
         if not isinstance(kernel, ZentorchWNA16LinearKernel):
@@ -216,5 +215,3 @@ def gptq_in_zentorch_layout(model: torch.nn.Module) -> int:
                 turned_param.packed_dim = 1
             setattr(module, name, turned_param)
             tensor.data = torch.empty(0, dtype=tensor.dtype)  # whoever still holds the old parameter
-        turned += 1
-    return turned
