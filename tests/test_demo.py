@@ -4,6 +4,7 @@ vocabulary's softmax, and writes a checkpoint in the original layout."""
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from qwen_vl.demo import weights
 from qwen_vl.demo.network import TrainableQwenVL
@@ -76,6 +77,32 @@ def test_training_writes_a_checkpoint_in_the_original_layout(tmp_path):
     used = state["lm_head.weight"].abs().sum(dim=1) > 0
     assert 50 < int(used.sum()) < 1000 and state["lm_head.weight"].shape[0] == 151936
 
+
+def test_training_continues_from_a_file_and_can_train_the_decoder_alone(tmp_path):
+    """--start loads every tensor of an earlier run's file; with --freeze-visual the ViT and the
+    adapter come out bit for bit as they went in, while the decoder learns."""
+    first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
+    train(first, steps=2, batch=2, seed=0, vocab_conversations=200)
+    train(second, steps=2, batch=2, seed=1, vocab_conversations=200, start=first, freeze_visual=True)
+    before, after = load_file(first), load_file(second)
+    assert before.keys() == after.keys()
+    visual = [name for name in before if name.startswith("transformer.visual.")]
+    assert len(visual) > 50 and all(torch.equal(before[name], after[name]) for name in visual)
+    assert not torch.equal(before["transformer.h.0.attn.c_attn.weight"], after["transformer.h.0.attn.c_attn.weight"])
+    metadata = weights.training_metadata(second)
+    assert (metadata["start"], metadata["freeze_visual"]) == ("first.safetensors", True)
+
+
+def test_a_file_of_another_vocabulary_is_refused(tmp_path):
+    """Rows of the embedding and LM head are stored by vocabulary position: a file whose ids differ
+    from this run's would load every row into the wrong token."""
+    first, other = tmp_path / "first.safetensors", tmp_path / "other.safetensors"
+    train(first, steps=1, batch=2, seed=0, vocab_conversations=200)
+    tensors = load_file(first)
+    tensors["vocab_ids"][-1] += 1
+    save_file(tensors, other)
+    with pytest.raises(ValueError, match="another vocabulary"):
+        train(tmp_path / "second.safetensors", steps=1, batch=2, seed=0, vocab_conversations=200, start=other)
 
 def test_the_probe_labels_each_grid_cell_with_what_covers_it():
     """The training-only probe's targets: row by row over the 16x16 grid the image is resized to."""

@@ -1,6 +1,7 @@
 """Train the demo model on this machine's CPU, from a seed.
 
     python -m qwen_vl.demo.train OUT_FILE [--steps 2400] [--batch 12] [--seed 0] [--threads N]
+        [--start FILE [--freeze-visual]]
 
 Each step draws fresh conversations (qwen_vl.demo.scenes.training_scene, one random stream per
 run): a scene, one to eight questions about it in Qwen-VL-Chat's chat format, built by the same
@@ -28,6 +29,7 @@ import tokenizers
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
 from tqdm import tqdm
 
 from qwen_vl.demo import weights
@@ -243,20 +245,39 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def load_weights_file(model: TrainableQwenVL, path: Path) -> None:
+    """`model`'s parameters from a weights file an earlier run wrote (the same vocabulary)."""
+    with safe_open(path, "pt") as f:
+        if not torch.equal(f.get_tensor("vocab_ids"), model.vocab):
+            raise ValueError(f"{path} was trained on another vocabulary (its vocab_ids differ)")
+        model.load_state_dict({name: f.get_tensor(name).float() for name in model.state_dict()}, strict=True)
+
+
 def train(out: Path, steps: int, batch: int, seed: int, peak_lr: float = 1e-3, warmup: int = 200,
-          vocab_conversations: int = VOCAB_CONVERSATIONS) -> None:
+          vocab_conversations: int = VOCAB_CONVERSATIONS, start: Path | None = None,
+          freeze_visual: bool = False) -> None:
+    """`steps` steps from a seeded initialisation, or from the weights file `start`; with
+    `freeze_visual`, only the decoder learns (the ViT and adapter run without gradients, and the
+    probe, which only serves them, is off)."""
     torch.manual_seed(seed)
     config = config_dict("demo")
     vocab = build_vocab(vocab_conversations)
     model = TrainableQwenVL(config, vocab)
     initialise(model, torch.Generator().manual_seed(seed))
+    if start is not None:
+        load_weights_file(model, start)
+    visual = model.transformer.visual
+    visual.requires_grad_(not freeze_visual)
+    probe_weight = 0.0 if freeze_visual else PROBE_WEIGHT
     # Training only, not shipped: reads from each image token the decoder receives what covers
     # its grid cell (shape, colour) and which cell it is (row, column), so the visual encoder
     # keeps what and where from the first step (without it, image tokens collapse to a constant:
     # see initialise).
     probe = torch.nn.Linear(config["hidden_size"], len(CELL_SHAPES) + len(CELL_COLOURS) + 2 * GRID)
     rows, columns = torch.arange(GRID * GRID) // GRID, torch.arange(GRID * GRID) % GRID
-    trained = {**dict(model.named_parameters()), **{f"probe.{n}": p for n, p in probe.named_parameters()}}
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if probe_weight:
+        trained |= {f"probe.{n}": p for n, p in probe.named_parameters()}
     decays = {n: p.dim() >= 2 and "wte" not in n and "positional" not in n for n, p in trained.items()}
     optimizer = torch.optim.AdamW([{"params": [p for n, p in trained.items() if decays[n]], "weight_decay": 0.05},
                                    {"params": [p for n, p in trained.items() if not decays[n]], "weight_decay": 0.0}],
@@ -270,7 +291,8 @@ def train(out: Path, steps: int, batch: int, seed: int, peak_lr: float = 1e-3, w
                 group["lr"] = learning_rate(step, steps, peak_lr, warmup)
             ids, image_positions, pixels, targets, cells = batcher.batch(batch)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                image_tokens = model.transformer.visual(pixels)
+                with torch.set_grad_enabled(not freeze_visual):
+                    image_tokens = visual(pixels)
                 answers = model.answer_loss(model.hidden_states(ids, image_positions, image_tokens), targets)
                 guesses = probe(image_tokens).float().flatten(0, 1)
                 shape_guess, colour_guess, row_guess, column_guess = guesses.split(
@@ -280,7 +302,7 @@ def train(out: Path, steps: int, batch: int, seed: int, peak_lr: float = 1e-3, w
                              + F.cross_entropy(colour_guess, cells[..., 1].flatten(), ignore_index=-1)
                              + F.cross_entropy(row_guess, rows.repeat(images))
                              + F.cross_entropy(column_guess, columns.repeat(images)))
-                loss = answers + PROBE_WEIGHT * cell_loss
+                loss = answers + probe_weight * cell_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(trained.values()), 1.0)
@@ -291,7 +313,8 @@ def train(out: Path, steps: int, batch: int, seed: int, peak_lr: float = 1e-3, w
                                        "seconds": round(time.perf_counter() - started, 1)}) + "\n")
             if (step + 1) % 500 == 0 or step + 1 == steps:
                 log_file.flush()
-                weights.save(model, out, {"seed": seed, "steps": step + 1, "batch": batch, "peak_lr": peak_lr})
+                weights.save(model, out, {"seed": seed, "steps": step + 1, "batch": batch, "peak_lr": peak_lr,
+                                          "start": start.name if start else None, "freeze_visual": freeze_visual})
     print(f"{out}: {steps} steps in {time.perf_counter() - started:.0f} s; {batcher.unknown} conversations skipped")
 
 
@@ -305,10 +328,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, cosine decay)")
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--start", type=Path, help="continue from this weights file (an earlier run's OUT_FILE)")
+    parser.add_argument("--freeze-visual", action="store_true",
+                        help="train only the decoder: the ViT and adapter stay as they are, the probe is off")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    train(args.out, args.steps, args.batch, args.seed, args.lr, args.warmup)
+    train(args.out, args.steps, args.batch, args.seed, args.lr, args.warmup, start=args.start,
+          freeze_visual=args.freeze_visual)
 
 
 if __name__ == "__main__":
