@@ -293,24 +293,25 @@ def train(out: Path, steps: int, batch: int, seed: int, peak_lr: float = 1e-3, w
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 with torch.set_grad_enabled(not freeze_visual):
                     image_tokens = visual(pixels)
-                answers = model.answer_loss(model.hidden_states(ids, image_positions, image_tokens), targets)
-                guesses = probe(image_tokens).float().flatten(0, 1)
-                shape_guess, colour_guess, row_guess, column_guess = guesses.split(
-                    [len(CELL_SHAPES), len(CELL_COLOURS), GRID, GRID], dim=-1)
-                images = len(image_tokens)
-                cell_loss = (F.cross_entropy(shape_guess, cells[..., 0].flatten())
-                             + F.cross_entropy(colour_guess, cells[..., 1].flatten(), ignore_index=-1)
-                             + F.cross_entropy(row_guess, rows.repeat(images))
-                             + F.cross_entropy(column_guess, columns.repeat(images)))
-                loss = answers + probe_weight * cell_loss
+                loss = answers = model.answer_loss(model.hidden_states(ids, image_positions, image_tokens), targets)
+                losses = {"answers": answers}
+                if probe_weight:
+                    guesses = probe(image_tokens).float().flatten(0, 1)
+                    shape_guess, colour_guess, row_guess, column_guess = guesses.split(
+                        [len(CELL_SHAPES), len(CELL_COLOURS), GRID, GRID], dim=-1)
+                    images = len(image_tokens)
+                    losses["cells"] = (F.cross_entropy(shape_guess, cells[..., 0].flatten())
+                                       + F.cross_entropy(colour_guess, cells[..., 1].flatten(), ignore_index=-1)
+                                       + F.cross_entropy(row_guess, rows.repeat(images))
+                                       + F.cross_entropy(column_guess, columns.repeat(images)))
+                    loss = answers + probe_weight * losses["cells"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(trained.values()), 1.0)
             optimizer.step()
-            bar.set_postfix(answers=f"{answers.item():.3f}", cells=f"{cell_loss.item():.3f}")
-            log_file.write(json.dumps({"step": step, "answers": round(answers.item(), 4),
-                                       "cells": round(cell_loss.item(), 4),
-                                       "seconds": round(time.perf_counter() - started, 1)}) + "\n")
+            figures = {name: round(value.item(), 4) for name, value in losses.items()}
+            bar.set_postfix({name: f"{value:.3f}" for name, value in figures.items()})
+            log_file.write(json.dumps({"step": step, **figures, "seconds": round(time.perf_counter() - started, 1)}) + "\n")
             if (step + 1) % 500 == 0 or step + 1 == steps:
                 log_file.flush()
                 weights.save(model, out, {"seed": seed, "steps": step + 1, "batch": batch, "peak_lr": peak_lr,
