@@ -104,6 +104,7 @@ def test_a_file_of_another_vocabulary_is_refused(tmp_path):
     with pytest.raises(ValueError, match="another vocabulary"):
         train(tmp_path / "second.safetensors", steps=1, batch=2, seed=0, vocab_conversations=200, start=other)
 
+
 def test_the_probe_labels_each_grid_cell_with_what_covers_it():
     """The training-only probe's targets: row by row over the 16x16 grid the image is resized to."""
     scene = Scene(320, 160, ("white", "white"), [Shape("red", "circle", (0, 0, 80, 80)),
