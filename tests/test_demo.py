@@ -1,6 +1,8 @@
 """The demo model's training (qwen_vl.demo): it trains the function the plugin serves, on the full
 vocabulary's softmax, and writes a checkpoint in the original layout."""
 
+import random
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from qwen_vl.demo import weights
 from qwen_vl.demo.network import TrainableQwenVL
 from qwen_vl.demo.scenes import Scene, Shape
+from qwen_vl.demo.tasks import questions, which_question
 from qwen_vl.demo.train import CELL_COLOURS, CELL_SHAPES, Batcher, Conversations, cell_labels, train
 from qwen_vl.model_executor.tokenizer import IMG_PAD_ID
 from qwen_vl.testing.checkpoint import config_dict, write_checkpoint
@@ -132,3 +135,13 @@ def test_the_plugin_serves_a_224_pixel_checkpoint_as_the_original_computes_it(de
         llm.llm_engine.engine_core.shutdown()
     expected, _ = reference.generate_greedy(prompt, example.images, max_new_tokens=8)
     assert list(output[0].outputs[0].token_ids) == expected
+
+
+def test_questions_and_answers_say_an_before_orange():
+    orange, red = Shape("orange", "square", (10, 10, 60, 60)), Shape("red", "circle", (100, 100, 150, 150))
+    plain = ("white", "white")
+    first, second = Scene(224, 224, plain, [orange]), Scene(224, 224, plain, [red])
+    asked = {which_question(first, second, random.Random(seed)).text for seed in range(20)}
+    assert asked == {"Which picture shows an orange square?", "Which picture shows a red circle?"}
+    naming = next(q for q in questions(Scene(224, 224, plain, [orange, red])) if q.kind == "name")
+    assert naming.answer == "An orange square and a red circle."

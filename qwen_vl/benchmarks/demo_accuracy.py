@@ -7,7 +7,7 @@ Scenes come from qwen_vl.demo.scenes.evaluation_scene (a generator written apart
 training draws from, seeded so no training scene repeats). For each scene: "What is in this
 picture?", "How many shapes are there?", "What colour is the <shape>?" (a shape that is there
 once), "Where is the <colour> <shape>?", "What does the text say?" (when there is a word), the
-three Chinese questions, and "Which picture shows a <colour> <shape>?" over the scene and another.
+three Chinese questions, and "Which picture shows a <colour> <shape>?" ("an orange ...") over the scene and another.
 `greedy` asks at temperature 0; `default` leaves sampling to the checkpoint's
 generation_config.json (top_p 0.3), each request with its own seed.
 """

@@ -26,7 +26,7 @@ QUESTIONS = {
     "name_zh": "图中有什么？",
     "count_zh": "图中有几个形状？",
     "where_zh": "{name_zh}在哪里？",
-    "which": "Which picture shows a {name}?",
+    "which": "Which picture shows {a_name}?",
 }
 PARAPHRASES = {
     "name": ["What is in the picture?", "What is in this image?", "Describe the picture.",
@@ -38,7 +38,7 @@ PARAPHRASES = {
     "name_zh": ["这张图里有什么？"],
     "count_zh": ["图里有多少个形状？"],
     "where_zh": ["找到{name_zh}。"],
-    "which": ["Which picture has a {name}?"],
+    "which": ["Which picture has {a_name}?"],
 }
 
 
@@ -77,10 +77,15 @@ def left_to_right(scene: Scene) -> list[Shape]:
     return sorted(scene.shapes, key=lambda s: (s.box[0] + s.box[2], s.box[1]))
 
 
+def a_name(shape: Shape) -> str:
+    """"a red circle", "an orange square"."""
+    return f"{'an' if shape.colour == 'orange' else 'a'} {shape.name}"
+
+
 def questions(scene: Scene) -> list[Question]:
     """Every question of the evaluation's kinds that this scene supports, with its answer."""
     shapes = left_to_right(scene)
-    names = [f"{'an' if s.colour == 'orange' else 'a'} {s.name}" for s in shapes]
+    names = [a_name(s) for s in shapes]
     count = len(shapes)
     found = [
         Question("name", QUESTIONS["name"], _english_list(names).capitalize() + ".", {s.name for s in shapes}),
@@ -114,7 +119,7 @@ def which_question(first: Scene, second: Scene, rng: random.Random) -> Question 
     if not only:
         return None
     shape, picture = rng.choice(only)
-    return Question("which", QUESTIONS["which"].format(name=shape.name), f"Picture {picture}.", picture, shape)
+    return Question("which", QUESTIONS["which"].format(a_name=a_name(shape)), f"Picture {picture}.", picture, shape)
 
 
 def paraphrase(question: Question, rng: random.Random) -> str:
@@ -123,7 +128,7 @@ def paraphrase(question: Question, rng: random.Random) -> str:
     if not options or rng.random() < 0.7:
         return question.text
     s = question.subject
-    values = {"shape": s.shape, "name": s.name, "name_zh": zh_name(s)} if s else {}
+    values = {"shape": s.shape, "name": s.name, "a_name": a_name(s), "name_zh": zh_name(s)} if s else {}
     return rng.choice(options).format(**values)
 
 
