@@ -265,8 +265,8 @@ async def serve_good_amid_bad(server: str, good: dict, bad: list, after: int = 1
     had ended by then)], the good request served on its own for as many tokens).
 
     Hanging up, rather than waiting for a fixed length, keeps the good request generating however
-    long the refusals take: on a loaded VM one came back after a 1500-token request had finished
-    (CI on 28b8b2b, this machine's clean clone)."""
+    long the refusals take: on this VM one came back after a 1500-token request had finished
+    (a clean-clone CI run on 28b8b2b)."""
     first_token, refused, good_done = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
     async with httpx.AsyncClient(base_url=server, headers=AUTH, timeout=300) as http:
@@ -281,9 +281,10 @@ async def serve_good_amid_bad(server: str, good: dict, bad: list, after: int = 1
                     chunk = json.loads(line[len("data: "):])
                     assert "error" not in chunk, chunk
                     for choice in chunk["choices"]:
-                        ids += choice.get("token_ids") or []
+                        new = choice.get("token_ids") or []
+                        ids += new
                         text += choice["text"]
-                        since_refused += len(choice.get("token_ids") or []) if refused.is_set() else 0
+                        since_refused += len(new) if refused.is_set() else 0
                     first_token.set()
                     if since_refused >= after:
                         break
