@@ -22,10 +22,11 @@ DEMO = config_dict("demo")
 
 @pytest.fixture(scope="module")
 def demo_random(tmp_path_factory):
-    """A random checkpoint of the demo's sizes (float32), one training conversation, and the
-    reference on that checkpoint."""
+    """A random checkpoint of the demo's sizes (float32), one training example (several questions
+    about one picture, packed), and the reference on that checkpoint."""
     path = write_checkpoint(tmp_path_factory.mktemp("demo-random"), preset="demo", seed=1, dtype="float32")
-    return path, next(Conversations("test")), ReferenceQwenVL.from_pretrained(path)
+    example = next(e for e in Conversations("test") if len(e.single_turns()) >= 3)
+    return path, example, ReferenceQwenVL.from_pretrained(path)
 
 
 def one_batch(example, vocab):
@@ -33,21 +34,32 @@ def one_batch(example, vocab):
 
 
 def test_the_trained_network_computes_what_the_original_code_computes(demo_random):
+    """Packed, each question's positions give the logits of its own single-turn conversation run
+    by the original code; unpacked (one conversation per row), the same."""
     path, example, reference = demo_random
     vocab = sorted(set(example.ids))
     model = TrainableQwenVL(DEMO, vocab)
     model.load_checkpoint_state(read_checkpoint(path))
-    ids, image_positions, pixels, _, _ = one_batch(example, vocab)
+    b = one_batch(example, vocab)
+    segments = b.segments[0]
+    shared = int((segments == 0).sum())
+    assert (torch.tensor(example.ids[:shared]) == IMG_PAD_ID).sum() == 256 * len(example.images)
     with torch.no_grad():
-        ours = model.lm_head(model.hidden_states(ids, image_positions, model.transformer.visual(pixels)))[0]
-    expected = reference.logits(example.ids, example.images)[:, vocab]
-    assert len(example.images) >= 1 and (torch.tensor(example.ids) == IMG_PAD_ID).sum() == 256 * len(example.images)
-    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+        image_tokens = model.transformer.visual(b.pixels)
+        packed = model.lm_head(model.hidden_states(b.ids, b.image_positions, image_tokens, b.segments))[0]
+        turns = example.single_turns()
+        for k, (ids, _) in enumerate(turns, start=1):
+            expected = reference.logits(ids, example.images)[:, vocab]
+            rows = torch.cat((torch.arange(shared), (segments == k).nonzero().flatten()))
+            torch.testing.assert_close(packed[rows], expected, atol=1e-4, rtol=1e-4)
+        alone = model.lm_head(model.hidden_states(torch.tensor([vocab.index(i) for i in turns[0][0]])[None],
+                                                  torch.tensor(turns[0][0])[None] == IMG_PAD_ID, image_tokens))[0]
+        torch.testing.assert_close(alone, reference.logits(turns[0][0], example.images)[:, vocab], atol=1e-4, rtol=1e-4)
 
 
 def test_the_training_loss_is_the_full_vocabulary_softmax(demo_random):
     """With every row outside the vocabulary zero, the loss equals the served model's
-    151,936-way cross-entropy on the answer tokens."""
+    151,936-way cross-entropy on the answer tokens of every packed question."""
     path, example, reference = demo_random
     vocab = sorted(set(example.ids))
     state = read_checkpoint(path)
@@ -56,16 +68,18 @@ def test_the_training_loss_is_the_full_vocabulary_softmax(demo_random):
     state["lm_head.weight"][outside] = 0
     model = TrainableQwenVL(DEMO, vocab)
     model.load_checkpoint_state(state)
-    ids, image_positions, pixels, targets, _ = one_batch(example, vocab)
+    b = one_batch(example, vocab)
     with torch.no_grad():
-        loss = model.loss(ids, image_positions, pixels, targets)
-    logits = reference.logits(example.ids, example.images)
-    logits = logits.masked_fill(outside, 0)  # what a zero LM-head row gives
-    answer = torch.tensor(example.answer)
-    positions = answer[1:].nonzero().flatten()
-    expected = F.cross_entropy(logits[positions], torch.tensor(example.ids)[positions + 1])
-    assert answer.sum() >= 3
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+        loss = model.answer_loss(model.hidden_states(b.ids, b.image_positions, model.transformer.visual(b.pixels),
+                                                     b.segments), b.targets)
+    expected = []
+    for ids, answer in example.single_turns():
+        logits = reference.logits(ids, example.images).masked_fill(outside, 0)  # what a zero LM-head row gives
+        positions = torch.tensor(answer)[1:].nonzero().flatten()
+        expected.append(F.cross_entropy(logits[positions], torch.tensor(ids)[positions + 1], reduction="none"))
+    expected = torch.cat(expected)
+    assert len(expected) >= 6 and len(expected) == int((b.targets >= 0).sum())
+    assert loss.item() == pytest.approx(expected.mean().item(), rel=1e-4)
 
 
 def test_training_writes_a_checkpoint_in_the_original_layout(tmp_path):
@@ -81,19 +95,24 @@ def test_training_writes_a_checkpoint_in_the_original_layout(tmp_path):
     assert 50 < int(used.sum()) < 1000 and state["lm_head.weight"].shape[0] == 151936
 
 
-def test_training_continues_from_a_file_and_can_train_the_decoder_alone(tmp_path):
-    """--start loads every tensor of an earlier run's file; with --freeze-visual the ViT and the
-    adapter come out bit for bit as they went in, while the decoder learns."""
+@pytest.mark.parametrize("freeze", ["visual", "vit"])
+def test_training_continues_from_a_file_and_can_freeze_the_visual_encoder(tmp_path, freeze):
+    """--start loads every tensor of an earlier run's file; what --freeze-visual (the ViT and the
+    adapter) or --freeze-vit (the ViT alone) freezes comes out bit for bit as it went in, while the
+    rest learns."""
     first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
     train(first, steps=2, batch=2, seed=0, vocab_conversations=200)
-    train(second, steps=2, batch=2, seed=1, vocab_conversations=200, start=first, freeze_visual=True)
+    train(second, steps=2, batch=2, seed=1, vocab_conversations=200, start=first, freeze=freeze)
     before, after = load_file(first), load_file(second)
     assert before.keys() == after.keys()
-    visual = [name for name in before if name.startswith("transformer.visual.")]
-    assert len(visual) > 50 and all(torch.equal(before[name], after[name]) for name in visual)
+    adapter = ("transformer.visual.attn_pool.", "transformer.visual.ln_post.", "transformer.visual.proj")
+    vit = [name for name in before if name.startswith("transformer.visual.") and not name.startswith(adapter)]
+    assert len(vit) > 50 and all(torch.equal(before[name], after[name]) for name in vit)
+    adapter_same = torch.equal(before["transformer.visual.attn_pool.kv_proj.weight"], after["transformer.visual.attn_pool.kv_proj.weight"])
+    assert adapter_same == (freeze == "visual")
     assert not torch.equal(before["transformer.h.0.attn.c_attn.weight"], after["transformer.h.0.attn.c_attn.weight"])
     metadata = weights.training_metadata(second)
-    assert (metadata["start"], metadata["freeze_visual"]) == ("first.safetensors", True)
+    assert (metadata["start"], metadata["freeze"]) == ("first.safetensors", freeze)
 
 
 def test_a_file_of_another_vocabulary_is_refused(tmp_path):

@@ -5,7 +5,13 @@ Parameter names are the checkpoint's (`transformer.visual.transformer.resblocks.
 served model is only what training needs: a batch of right-padded sequences (causal attention
 makes the padding invisible to the real positions), no KV cache, no dynamic NTK or logn (both
 are identities below `seq_length`, 2048 positions, and the demo's conversations are a few
-hundred), and a vocabulary of the few hundred tokens the demo speaks. `wte` and `lm_head` hold
+hundred), a vocabulary of the few hundred tokens the demo speaks, and an optional layout that
+packs several single-turn questions about one picture into one row: `segments` numbers each
+position (0: the part every question shares, the system prompt and the picture; k: the k-th
+question and its answer; -1: padding), a question sees the shared part and itself, never another
+question, and its positions continue from the shared part's end, so each question's logits are
+exactly those of its own single-turn conversation (tests/test_demo.py checks it) while the
+picture is encoded and attended once. `wte` and `lm_head` hold
 only those rows (`vocab` lists their ids); every other row of the served checkpoint is zero:
 an input row nobody types in the domain, an output row whose logit is 0. The loss counts those
 zero logits (`log(rest) + 0` in the normaliser), so it is the full 151,936-way softmax that the
@@ -107,9 +113,10 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rotary(seq: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for `positions` [n, seq] -> [n, 1, seq, head_dim] each (broadcast over heads)."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
-    angles = torch.outer(torch.arange(seq).float(), inv_freq).repeat(1, 2)
+    angles = (positions[..., None].float() * inv_freq).repeat(1, 1, 2)[:, None]
     return angles.cos(), angles.sin()
 
 
@@ -125,11 +132,11 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(hidden, 3 * projection)
         self.c_proj = nn.Linear(projection, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         n, seq, _ = x.shape
         q, k, v = (t.view(n, seq, self.heads, -1).transpose(1, 2) for t in self.c_attn(x).chunk(3, dim=-1))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.c_proj(out.transpose(1, 2).reshape(n, seq, -1))
 
 
@@ -153,9 +160,23 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(hidden, eps)
         self.mlp = MLP(hidden, config["intermediate_size"] // 2)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.ln_1(x), cos, sin)
+    def forward(self, x, cos, sin, mask):
+        x = x + self.attn(self.ln_1(x), cos, sin, mask)
         return x + self.mlp(self.ln_2(x))
+
+
+def packed_layout(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions [n, seq] and the attention mask [n, 1, seq, seq] (True: may attend) of rows of
+    packed questions: a question's positions continue from the shared part's end; each position
+    sees the earlier positions of the shared part and of its own question (padding sees padding
+    and the shared part, so no row of the mask is empty)."""
+    seq = segments.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    same = segments[..., :, None] == segments[..., None, :]
+    before_in_segment = (same & causal.tril(-1)).sum(dim=-1)  # the shared part is the rows' prefix
+    positions = torch.where(segments == 0, torch.arange(seq), (segments == 0).sum(dim=1, keepdim=True) + before_in_segment)
+    visible = (same | (segments == 0)[..., None, :]) & causal
+    return positions, visible[:, None]
 
 
 class TrainableQwenVL(nn.Module):
@@ -175,16 +196,22 @@ class TrainableQwenVL(nn.Module):
         # The zero rows' share of the softmax's normaliser: `rest` logits of exactly 0.
         self.log_rest = math.log(config["vocab_size"] - len(vocab))
 
-    def hidden_states(self, ids: torch.Tensor, image_positions: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, ids: torch.Tensor, image_positions: torch.Tensor, image_tokens: torch.Tensor,
+                      segments: torch.Tensor | None = None) -> torch.Tensor:
         """ids [n, seq] (compact), image_positions [n, seq] bool (the <imgpad> positions, 256 per
-        image, images in order), image_tokens [images, 256, hidden] (the visual encoder's output)
-        -> [n, seq, hidden]."""
+        image, images in order), image_tokens [images, 256, hidden] (the visual encoder's output),
+        segments [n, seq] (the packed questions' layout, see the module's docstring; None: one
+        conversation per row) -> [n, seq, hidden]."""
         x = self.transformer.wte(ids)
         if len(image_tokens):
             x = x.masked_scatter(image_positions[..., None], image_tokens.to(x.dtype))
-        cos, sin = rotary(ids.shape[1], self.config["kv_channels"], self.config["rotary_emb_base"])
+        if segments is None:
+            positions, mask = torch.arange(ids.shape[1]).expand(ids.shape), None
+        else:
+            positions, mask = packed_layout(segments)
+        cos, sin = rotary(positions, self.config["kv_channels"], self.config["rotary_emb_base"])
         for block in self.transformer.h:
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, mask)
         return self.transformer.ln_f(x)
 
     def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -194,8 +221,12 @@ class TrainableQwenVL(nn.Module):
 
     def answer_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the next token where targets >= 0 (the answers)."""
+        return self.answer_losses(hidden, targets).mean()
+
+    def answer_losses(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The cross-entropy of each answer token (where targets >= 0), in row-major order."""
         picked = targets >= 0
-        return F.cross_entropy(self.full_logits(hidden[picked]), targets[picked])
+        return F.cross_entropy(self.full_logits(hidden[picked]), targets[picked], reduction="none")
 
     def loss(self, ids, image_positions, pixels, targets) -> torch.Tensor:
         image_tokens = self.transformer.visual(pixels) if len(pixels) else pixels.new_zeros(0)

@@ -1,13 +1,18 @@
 """Train the demo model on this machine's CPU, from a seed.
 
     python -m qwen_vl.demo.train OUT_FILE [--steps 2400] [--batch 12] [--seed 0] [--threads N]
-        [--start FILE [--freeze-visual]]
+        [--start FILE [--freeze-vit | --freeze-visual]]
 
-Each step draws fresh conversations (qwen_vl.demo.scenes.training_scene, one random stream per
-run): a scene, one to eight questions about it in Qwen-VL-Chat's chat format, built by the same
-prompt builder as the server (so the ids are exactly what a request produces), or two scenes and
-"Which picture shows a ...?". The loss is the answers' tokens. Words are spelled one letter per
-token: the tokenizer splits random capitals into arbitrary pieces, and letters decode to the
+Each step draws fresh examples (qwen_vl.demo.scenes.training_scene, one random stream per run):
+a scene and up to eight single-turn questions about it in Qwen-VL-Chat's chat format, built by
+the same prompt builder as the server (so the ids are exactly what a request produces), packed
+into one row that encodes the picture once (qwen_vl.demo.network: each question sees the picture
+and itself, not the others); or two scenes and "Which picture shows a ...?". Questions are
+single-turn because that is how they are asked: in a conversation an earlier answer often gives
+the next one away ("Where is the blue square?" before "What colour is the square?": a third of the
+colour questions about several shapes, measured), and the model learns to copy it from the text
+instead of reading the picture. The loss is the answers' tokens. Words are spelled one letter
+per token: the tokenizer splits random capitals into arbitrary pieces, and letters decode to the
 same text.
 
 Same seed, same steps, same torch: the same weights (torch's CPU kernels are deterministic in
@@ -41,22 +46,37 @@ from qwen_vl.model_executor.processor import preprocess_image
 from qwen_vl.model_executor.tokenizer import IM_END_ID, IMG_PAD_ID, cached_backend_file, qwen_tiktoken_path
 from qwen_vl.testing.checkpoint import config_dict, sincos_table
 
-# How often each kind of question is asked (of those a scene supports); boxes and words are the
-# hardest to learn and get the most practice.
-KIND_WEIGHTS = {"name": 1.0, "count": 0.8, "colour": 0.8, "where": 1.6, "text": 1.6, "name_zh": 0.6,
+# How often each kind of question is asked (of those a scene supports); the ones that bind a
+# colour to a shape and a place (colour, boxes) and the word are the hardest and get the most practice.
+KIND_WEIGHTS = {"name": 1.0, "count": 0.6, "colour": 1.6, "where": 1.6, "text": 1.2, "name_zh": 0.6,
                 "count_zh": 0.4, "where_zh": 0.9}
+KINDS = (*KIND_WEIGHTS, "which")
 TWO_PICTURE_SHARE = 0.12
 PROBE_WEIGHT = 0.5  # of the grid-cell probe's loss beside the answers'
-MAX_TURNS = 8
+QUESTIONS_PER_PICTURE = 8
 VOCAB_CONVERSATIONS = 20000
 
 
 @dataclass
 class Example:
+    """Single-turn conversations about the same pictures, packed: the ids they share, then each
+    question's own ids and answer (segment k)."""
     ids: list[int]  # real token ids
     answer: list[bool]  # whether each id is part of an answer (predicted, counted in the loss)
+    segments: list[int]  # 0: shared by every question; k: the k-th question and its answer
+    kinds: list[str | None]  # the question kind of each answer id (None elsewhere)
     images: list[Image.Image]
     cells: list[torch.Tensor]  # per image: [256, 2] shape and colour class of each grid cell
+
+    def single_turns(self) -> list[tuple[list[int], list[bool]]]:
+        """Each question's conversation as the server would run it alone: ids and answer mask."""
+        shared = self.segments.count(0)
+        out = []
+        for k in range(1, max(self.segments) + 1):
+            own = [i for i, segment in enumerate(self.segments) if segment == k]
+            out.append((self.ids[:shared] + [self.ids[i] for i in own],
+                        self.answer[:shared] + [self.answer[i] for i in own]))
+        return out
 
 
 # What the grid cells of a scene hold: a shape (or the word) and its colour; the probe below
@@ -106,50 +126,48 @@ class Conversations:
             return [self.tokenizer.token_to_id(letter) for letter in question.answer]
         return self.builder.encode_text(question.answer)
 
-    def _turns(self, scene) -> list[tuple[str, Question]]:
+    def _questions(self, scene) -> list[Question]:
+        """Up to eight different questions about one picture: the picture costs 258 positions and a
+        pass through the encoder, a question and its answer about 25, so more teach more per step."""
         available = questions(scene)
         kinds = sorted({q.kind for q in available})
-        turns: list[tuple[str, Question]] = []
-        # Up to eight questions about one picture: the image costs 258 positions and a pass
-        # through the encoder, a question and its answer about 25, so more turns teach more per step.
-        for _ in range(self.rng.randint(1, MAX_TURNS)):
+        asked: list[Question] = []
+        for _ in range(QUESTIONS_PER_PICTURE):
             kind = self.rng.choices(kinds, [KIND_WEIGHTS[k] for k in kinds])[0]
             question = self.rng.choice([q for q in available if q.kind == kind])
-            if all(question is not asked for _, asked in turns):
-                turns.append((paraphrase(question, self.rng), question))
-        return turns
+            if all(question is not other for other in asked):
+                asked.append(question)
+        return asked
 
     def __next__(self) -> Example:
         scene = training_scene(self.rng)
         scenes = [scene]
-        turns = None
+        asked = None
         if self.rng.random() < TWO_PICTURE_SHARE:
             other = training_scene(self.rng)
-            question = which_question(scene, other, self.rng)
-            if question is not None:
+            # Up to four questions about the pair (each shape that only one of them shows).
+            found = {q.text: q for q in (which_question(scene, other, self.rng) for _ in range(4)) if q is not None}
+            if found:
                 scenes.append(other)
-                turns = [(paraphrase(question, self.rng), question)]
-        if turns is None:
-            turns = self._turns(scene)
+                asked = list(found.values())
+        if asked is None:
+            asked = self._questions(scene)
 
         images = [s.image for s in scenes]
-        messages = [ChatMessage("user", turns[0][0], images)]
-        prompt = self.builder.build(messages).token_ids  # as the server builds it, for this turn
-        ids = list(prompt)
-        answer = [False] * len(ids)
-        for i, (text, question) in enumerate(turns):
-            if i:
-                messages += [ChatMessage("assistant", turns[i - 1][1].answer), ChatMessage("user", text)]
-                history = prompt + self.builder.encode_text(turns[i - 1][1].answer) + [IM_END_ID]
-                prompt = self.builder.build(messages).token_ids
-                # The server re-encodes the earlier answer as text: its canonical ids, then this turn.
-                assert prompt[:len(history)] == history, "the history is not a prefix of the next prompt"
-                ids += prompt[len(history):]
-                answer += [False] * (len(prompt) - len(history))
-            reply = self.answer_ids(question) + [IM_END_ID]
-            ids += reply
-            answer += [True] * len(reply)
-        return Example(ids, answer, images, [cell_labels(s) for s in scenes])
+        prompts = [self.builder.build([ChatMessage("user", paraphrase(q, self.rng), images)]).token_ids for q in asked]
+        shared = len(prompts[0])
+        for prompt in prompts[1:]:  # the longest prefix every prompt shares (the pictures and more)
+            agree = (i for i, (a, b) in enumerate(zip(prompt, prompts[0], strict=False)) if a != b)
+            shared = min(shared, next(agree, min(len(prompt), len(prompts[0]))))
+        ids, answer, segments, kinds = prompts[0][:shared], [False] * shared, [0] * shared, [None] * shared
+        for k, (question, prompt) in enumerate(zip(asked, prompts, strict=True), start=1):
+            own, reply = prompt[shared:], self.answer_ids(question) + [IM_END_ID]
+            assert own or len(asked) == 1, "two questions with the same prompt"
+            ids += own + reply
+            answer += [False] * len(own) + [True] * len(reply)
+            segments += [k] * (len(own) + len(reply))
+            kinds += [None] * len(own) + [question.kind] * len(reply)
+        return Example(ids, answer, segments, kinds, images, [cell_labels(s) for s in scenes])
 
     def __iter__(self):
         return self
@@ -164,8 +182,19 @@ def build_vocab(conversations_seen: int = VOCAB_CONVERSATIONS, seed: int | str =
     return sorted(found)
 
 
+@dataclass
+class Batch:
+    ids: torch.Tensor  # [n, seq] compact ids
+    image_positions: torch.Tensor  # [n, seq] bool
+    pixels: torch.Tensor  # [images, 3, size, size]
+    targets: torch.Tensor  # [n, seq] the compact id each position predicts (-1: not an answer)
+    segments: torch.Tensor  # [n, seq] (network.packed_layout; -1: padding)
+    kinds: torch.Tensor  # [n, seq] index in KINDS of the answer each target belongs to (-1: none)
+    cells: torch.Tensor  # [images, 256, 2] the probe's labels
+
+
 class Batcher:
-    """Conversations -> padded batches of compact ids, image positions, pixels and targets."""
+    """Examples -> padded batches."""
 
     def __init__(self, conversations: Iterator[Example], vocab: list[int], vocab_size: int, image_size: int):
         self.conversations = conversations
@@ -174,8 +203,8 @@ class Batcher:
         self.compact[torch.tensor(vocab)] = torch.arange(len(vocab))
         self.unknown = 0
 
-    def batch(self, size: int):
-        """`size` conversations with the same number of pictures (so padding stays short)."""
+    def batch(self, size: int) -> Batch:
+        """`size` examples with the same number of pictures (so padding stays short)."""
         examples = []
         pictures = None
         while len(examples) < size:
@@ -190,16 +219,20 @@ class Batcher:
         length = max(len(e.ids) for e in examples)
         ids = torch.full((size, length), IMG_PAD_ID - 1, dtype=torch.long)
         targets = torch.full((size, length), -1, dtype=torch.long)
+        segments = torch.full((size, length), -1, dtype=torch.long)
+        kinds = torch.full((size, length), -1, dtype=torch.long)
         for row, example in enumerate(examples):
             real = torch.tensor(example.ids)
             ids[row, :len(real)] = real
             answer = torch.tensor(example.answer)
             targets[row, :len(real) - 1] = torch.where(answer[1:], self.compact[real[1:]], -1)
+            segments[row, :len(real)] = torch.tensor(example.segments)
+            kinds[row, :len(real) - 1] = torch.tensor([KINDS.index(k) if k else -1 for k in example.kinds[1:]])
         image_positions = ids == IMG_PAD_ID
         ids = self.compact[ids].clamp(min=0)
         pixels = torch.stack([preprocess_image(image, self.image_size) for e in examples for image in e.images])
         cells = torch.stack([c for e in examples for c in e.cells])
-        return ids, image_positions, pixels, targets, cells
+        return Batch(ids, image_positions, pixels, targets, segments, kinds, cells)
 
 
 def initialise(model: TrainableQwenVL, generator: torch.Generator) -> None:
@@ -253,12 +286,15 @@ def load_weights_file(model: TrainableQwenVL, path: Path) -> None:
         model.load_state_dict({name: f.get_tensor(name).float() for name in model.state_dict()}, strict=True)
 
 
+FREEZE = {"vit": "the ViT: the adapter and the decoder learn, the probe stays on the adapter's output",
+          "visual": "the ViT and the adapter: only the decoder learns, the probe (which only serves them) is off"}
+
+
 def train(out: Path, steps: int, batch: int, seed: int, peak_lr: float = 1e-3, warmup: int = 200,
           vocab_conversations: int = VOCAB_CONVERSATIONS, start: Path | None = None,
-          freeze_visual: bool = False) -> None:
-    """`steps` steps from a seeded initialisation, or from the weights file `start`; with
-    `freeze_visual`, only the decoder learns (the ViT and adapter run without gradients, and the
-    probe, which only serves them, is off)."""
+          freeze: str | None = None) -> None:
+    """`steps` steps from a seeded initialisation, or from the weights file `start`; `freeze`
+    (a key of FREEZE) keeps part of the visual encoder as it is (it runs without gradients)."""
     torch.manual_seed(seed)
     config = config_dict("demo")
     vocab = build_vocab(vocab_conversations)
@@ -267,8 +303,12 @@ def train(out: Path, steps: int, batch: int, seed: int, peak_lr: float = 1e-3, w
     if start is not None:
         load_weights_file(model, start)
     visual = model.transformer.visual
-    visual.requires_grad_(not freeze_visual)
-    probe_weight = 0.0 if freeze_visual else PROBE_WEIGHT
+    visual.requires_grad_(freeze is None)
+    if freeze == "vit":
+        for adapter in (visual.attn_pool, visual.ln_post):
+            adapter.requires_grad_(True)
+        visual.proj.requires_grad_(True)
+    probe_weight = 0.0 if freeze == "visual" else PROBE_WEIGHT
     # Training only, not shipped: reads from each image token the decoder receives what covers
     # its grid cell (shape, colour) and which cell it is (row, column), so the visual encoder
     # keeps what and where from the first step (without it, image tokens collapse to a constant:
@@ -289,19 +329,20 @@ def train(out: Path, steps: int, batch: int, seed: int, peak_lr: float = 1e-3, w
         for step in bar:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, steps, peak_lr, warmup)
-            ids, image_positions, pixels, targets, cells = batcher.batch(batch)
+            b = batcher.batch(batch)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                with torch.set_grad_enabled(not freeze_visual):
-                    image_tokens = visual(pixels)
-                loss = answers = model.answer_loss(model.hidden_states(ids, image_positions, image_tokens), targets)
+                with torch.set_grad_enabled(freeze != "visual"):
+                    image_tokens = visual(b.pixels)
+                each = model.answer_losses(model.hidden_states(b.ids, b.image_positions, image_tokens, b.segments), b.targets)
+                loss = answers = each.mean()
                 losses = {"answers": answers}
                 if probe_weight:
                     guesses = probe(image_tokens).float().flatten(0, 1)
                     shape_guess, colour_guess, row_guess, column_guess = guesses.split(
                         [len(CELL_SHAPES), len(CELL_COLOURS), GRID, GRID], dim=-1)
                     images = len(image_tokens)
-                    losses["cells"] = (F.cross_entropy(shape_guess, cells[..., 0].flatten())
-                                       + F.cross_entropy(colour_guess, cells[..., 1].flatten(), ignore_index=-1)
+                    losses["cells"] = (F.cross_entropy(shape_guess, b.cells[..., 0].flatten())
+                                       + F.cross_entropy(colour_guess, b.cells[..., 1].flatten(), ignore_index=-1)
                                        + F.cross_entropy(row_guess, rows.repeat(images))
                                        + F.cross_entropy(column_guess, columns.repeat(images)))
                     loss = answers + probe_weight * losses["cells"]
@@ -311,11 +352,14 @@ def train(out: Path, steps: int, batch: int, seed: int, peak_lr: float = 1e-3, w
             optimizer.step()
             figures = {name: round(value.item(), 4) for name, value in losses.items()}
             bar.set_postfix({name: f"{value:.3f}" for name, value in figures.items()})
-            log_file.write(json.dumps({"step": step, **figures, "seconds": round(time.perf_counter() - started, 1)}) + "\n")
+            kinds = b.kinds[b.targets >= 0]  # the kind of each answer token, in `each`'s order
+            by_kind = {kind: round(each[kinds == i].mean().item(), 4) for i, kind in enumerate(KINDS) if (kinds == i).any()}
+            log_file.write(json.dumps({"step": step, **figures, "kinds": by_kind,
+                                       "seconds": round(time.perf_counter() - started, 1)}) + "\n")
             if (step + 1) % 500 == 0 or step + 1 == steps:
                 log_file.flush()
                 weights.save(model, out, {"seed": seed, "steps": step + 1, "batch": batch, "peak_lr": peak_lr,
-                                          "start": start.name if start else None, "freeze_visual": freeze_visual})
+                                          "start": start.name if start else None, "freeze": freeze})
     print(f"{out}: {steps} steps in {time.perf_counter() - started:.0f} s; {batcher.unknown} conversations skipped")
 
 
@@ -330,13 +374,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--start", type=Path, help="continue from this weights file (an earlier run's OUT_FILE)")
-    parser.add_argument("--freeze-visual", action="store_true",
-                        help="train only the decoder: the ViT and adapter stay as they are, the probe is off")
+    frozen = parser.add_mutually_exclusive_group()
+    frozen.add_argument("--freeze-vit", dest="freeze", action="store_const", const="vit", help="freeze " + FREEZE["vit"])
+    frozen.add_argument("--freeze-visual", dest="freeze", action="store_const", const="visual",
+                        help="freeze " + FREEZE["visual"])
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    train(args.out, args.steps, args.batch, args.seed, args.lr, args.warmup, start=args.start,
-          freeze_visual=args.freeze_visual)
+    train(args.out, args.steps, args.batch, args.seed, args.lr, args.warmup, start=args.start, freeze=args.freeze)
 
 
 if __name__ == "__main__":
