@@ -132,12 +132,21 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(hidden, 3 * projection)
         self.c_proj = nn.Linear(projection, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                keep_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention's output, and with `keep_weights` its weights [n, heads, seq, seq] (float32)."""
         n, seq, _ = x.shape
         q, k, v = (t.view(n, seq, self.heads, -1).transpose(1, 2) for t in self.c_attn(x).chunk(3, dim=-1))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        return self.c_proj(out.transpose(1, 2).reshape(n, seq, -1))
+        weights = None
+        if keep_weights:
+            visible = torch.ones(seq, seq, dtype=torch.bool).tril() if mask is None else mask
+            scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
+            weights = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+            out = weights.type_as(v) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.c_proj(out.transpose(1, 2).reshape(n, seq, -1)), weights
 
 
 class MLP(nn.Module):
@@ -160,9 +169,10 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(hidden, eps)
         self.mlp = MLP(hidden, config["intermediate_size"] // 2)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.attn(self.ln_1(x), cos, sin, mask)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x, cos, sin, mask, keep_weights=False):
+        attended, weights = self.attn(self.ln_1(x), cos, sin, mask, keep_weights)
+        x = x + attended
+        return x + self.mlp(self.ln_2(x)), weights
 
 
 def packed_layout(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,6 +212,11 @@ class TrainableQwenVL(nn.Module):
         image, images in order), image_tokens [images, 256, hidden] (the visual encoder's output),
         segments [n, seq] (the packed questions' layout, see the module's docstring; None: one
         conversation per row) -> [n, seq, hidden]."""
+        return self.hidden_states_and_attention(ids, image_positions, image_tokens, segments, None)[0]
+
+    def hidden_states_and_attention(self, ids, image_positions, image_tokens, segments, layer: int | None):
+        """hidden_states, and the attention weights [n, heads, seq, seq] of decoder layer `layer`
+        (computed explicitly there: the same function, float32 softmax)."""
         x = self.transformer.wte(ids)
         if len(image_tokens):
             x = x.masked_scatter(image_positions[..., None], image_tokens.to(x.dtype))
@@ -210,9 +225,11 @@ class TrainableQwenVL(nn.Module):
         else:
             positions, mask = packed_layout(segments)
         cos, sin = rotary(positions, self.config["kv_channels"], self.config["rotary_emb_base"])
-        for block in self.transformer.h:
-            x = block(x, cos, sin, mask)
-        return self.transformer.ln_f(x)
+        kept = None
+        for i, block in enumerate(self.transformer.h):
+            x, weights = block(x, cos, sin, mask, keep_weights=i == layer)
+            kept = weights if i == layer else kept
+        return self.transformer.ln_f(x), kept
 
     def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the compact vocabulary plus one column standing for all zero rows."""

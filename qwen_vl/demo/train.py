@@ -55,6 +55,15 @@ TWO_PICTURE_SHARE = 0.12
 PROBE_WEIGHT = 0.5  # of the grid-cell probe's loss beside the answers'
 QUESTIONS_PER_PICTURE = 8
 VOCAB_CONVERSATIONS = 20000
+# Where to look, taught directly (training only). Asked the colour of the square, the decoder
+# learned to look at the shapes but not at the square: its attention from the answer gave the
+# asked shape's cells no more than their share of all shapes' cells, and the answer was another
+# shape's colour (2-4 shapes) for thousands of steps (docs/demo.md). So for the questions about
+# one shape, one head of one middle layer is told, at each position that predicts an answer
+# token, to put its weight on that shape's cells: the loss is -log of the weight it puts there.
+FOCUS_KINDS = ("colour", "where", "where_zh", "which")
+FOCUS_LAYER, FOCUS_HEAD = 2, 0
+FOCUS_WEIGHT = 0.3
 
 
 @dataclass
@@ -67,6 +76,7 @@ class Example:
     kinds: list[str | None]  # the question kind of each answer id (None elsewhere)
     images: list[Image.Image]
     cells: list[torch.Tensor]  # per image: [256, 2] shape and colour class of each grid cell
+    focus: dict[int, torch.Tensor]  # segment -> [images * 256] bool: the image tokens of the shape it asks about
 
     def single_turns(self) -> list[tuple[list[int], list[bool]]]:
         """Each question's conversation as the server would run it alone: ids and answer mask."""
@@ -167,7 +177,18 @@ class Conversations:
             answer += [False] * len(own) + [True] * len(reply)
             segments += [k] * (len(own) + len(reply))
             kinds += [None] * len(own) + [question.kind] * len(reply)
-        return Example(ids, answer, segments, kinds, images, [cell_labels(s) for s in scenes])
+        cells = [cell_labels(s) for s in scenes]
+        focus = {}
+        for k, question in enumerate(asked, start=1):
+            if question.kind in FOCUS_KINDS:
+                picture = question.target - 1 if question.kind == "which" else 0
+                subject = question.subject
+                where = torch.zeros(len(scenes), GRID * GRID, dtype=torch.bool)
+                where[picture] = ((cells[picture][:, 0] == CELL_SHAPES.index(subject.shape))
+                                  & (cells[picture][:, 1] == CELL_COLOURS.index(subject.colour)))
+                if where.any():  # a cell's centre is inside every shape of this size, but be sure
+                    focus[k] = where.flatten()
+        return Example(ids, answer, segments, kinds, images, cells, focus)
 
     def __iter__(self):
         return self
@@ -191,6 +212,7 @@ class Batch:
     segments: torch.Tensor  # [n, seq] (network.packed_layout; -1: padding)
     kinds: torch.Tensor  # [n, seq] index in KINDS of the answer each target belongs to (-1: none)
     cells: torch.Tensor  # [images, 256, 2] the probe's labels
+    focus: torch.Tensor  # [n, seq, seq] bool: the image tokens a position predicting an answer should look at
 
 
 class Batcher:
@@ -221,6 +243,7 @@ class Batcher:
         targets = torch.full((size, length), -1, dtype=torch.long)
         segments = torch.full((size, length), -1, dtype=torch.long)
         kinds = torch.full((size, length), -1, dtype=torch.long)
+        focus = torch.zeros(size, length, length, dtype=torch.bool)
         for row, example in enumerate(examples):
             real = torch.tensor(example.ids)
             ids[row, :len(real)] = real
@@ -228,11 +251,15 @@ class Batcher:
             targets[row, :len(real) - 1] = torch.where(answer[1:], self.compact[real[1:]], -1)
             segments[row, :len(real)] = torch.tensor(example.segments)
             kinds[row, :len(real) - 1] = torch.tensor([KINDS.index(k) if k else -1 for k in example.kinds[1:]])
+            image_tokens = (real == IMG_PAD_ID).nonzero().flatten()
+            for k, where in example.focus.items():
+                asking = (segments[row] == k) & (targets[row] >= 0)
+                focus[row, asking.nonzero()[:, None], image_tokens[where][None]] = True
         image_positions = ids == IMG_PAD_ID
         ids = self.compact[ids].clamp(min=0)
         pixels = torch.stack([preprocess_image(image, self.image_size) for e in examples for image in e.images])
         cells = torch.stack([c for e in examples for c in e.cells])
-        return Batch(ids, image_positions, pixels, targets, segments, kinds, cells)
+        return Batch(ids, image_positions, pixels, targets, segments, kinds, cells, focus)
 
 
 def initialise(model: TrainableQwenVL, generator: torch.Generator) -> None:
@@ -292,9 +319,10 @@ FREEZE = {"vit": "the ViT: the adapter and the decoder learn, the probe stays on
 
 def train(out: Path, steps: int, batch: int, seed: int, peak_lr: float = 1e-3, warmup: int = 200,
           vocab_conversations: int = VOCAB_CONVERSATIONS, start: Path | None = None,
-          freeze: str | None = None) -> None:
+          freeze: str | None = None, focus_weight: float = FOCUS_WEIGHT) -> None:
     """`steps` steps from a seeded initialisation, or from the weights file `start`; `freeze`
-    (a key of FREEZE) keeps part of the visual encoder as it is (it runs without gradients)."""
+    (a key of FREEZE) keeps part of the visual encoder as it is (it runs without gradients);
+    `focus_weight` weighs the attention's focus loss (FOCUS_KINDS; 0: off)."""
     torch.manual_seed(seed)
     config = config_dict("demo")
     vocab = build_vocab(vocab_conversations)
@@ -333,9 +361,16 @@ def train(out: Path, steps: int, batch: int, seed: int, peak_lr: float = 1e-3, w
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 with torch.set_grad_enabled(freeze != "visual"):
                     image_tokens = visual(b.pixels)
-                each = model.answer_losses(model.hidden_states(b.ids, b.image_positions, image_tokens, b.segments), b.targets)
+                hidden, attention = model.hidden_states_and_attention(b.ids, b.image_positions, image_tokens, b.segments,
+                                                                      FOCUS_LAYER if focus_weight else None)
+                each = model.answer_losses(hidden, b.targets)
                 loss = answers = each.mean()
                 losses = {"answers": answers}
+                asking = b.focus.any(dim=-1)
+                if focus_weight and asking.any():
+                    on_subject = (attention[:, FOCUS_HEAD] * b.focus).sum(dim=-1)[asking]
+                    losses["focus"] = -torch.log(on_subject + 1e-6).mean()
+                    loss = loss + focus_weight * losses["focus"]
                 if probe_weight:
                     guesses = probe(image_tokens).float().flatten(0, 1)
                     shape_guess, colour_guess, row_guess, column_guess = guesses.split(
@@ -345,7 +380,7 @@ def train(out: Path, steps: int, batch: int, seed: int, peak_lr: float = 1e-3, w
                                        + F.cross_entropy(colour_guess, b.cells[..., 1].flatten(), ignore_index=-1)
                                        + F.cross_entropy(row_guess, rows.repeat(images))
                                        + F.cross_entropy(column_guess, columns.repeat(images)))
-                    loss = answers + probe_weight * losses["cells"]
+                    loss = loss + probe_weight * losses["cells"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(trained.values()), 1.0)
@@ -359,7 +394,8 @@ def train(out: Path, steps: int, batch: int, seed: int, peak_lr: float = 1e-3, w
             if (step + 1) % 500 == 0 or step + 1 == steps:
                 log_file.flush()
                 weights.save(model, out, {"seed": seed, "steps": step + 1, "batch": batch, "peak_lr": peak_lr,
-                                          "start": start.name if start else None, "freeze": freeze})
+                                          "start": start.name if start else None, "freeze": freeze,
+                                          "focus_weight": focus_weight})
     print(f"{out}: {steps} steps in {time.perf_counter() - started:.0f} s; {batcher.unknown} conversations skipped")
 
 
@@ -372,6 +408,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, cosine decay)")
     parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--focus-weight", type=float, default=FOCUS_WEIGHT,
+                        help="weight of the loss that points one head at the shape a question asks about (0: off)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--start", type=Path, help="continue from this weights file (an earlier run's OUT_FILE)")
     frozen = parser.add_mutually_exclusive_group()
@@ -381,7 +419,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    train(args.out, args.steps, args.batch, args.seed, args.lr, args.warmup, start=args.start, freeze=args.freeze)
+    train(args.out, args.steps, args.batch, args.seed, args.lr, args.warmup, start=args.start, freeze=args.freeze,
+          focus_weight=args.focus_weight)
 
 
 if __name__ == "__main__":
