@@ -6,13 +6,14 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from qwen_vl.demo import weights
-from qwen_vl.demo.network import TrainableQwenVL
+from qwen_vl.demo.network import TrainableQwenVL, packed_layout
 from qwen_vl.demo.scenes import Scene, Shape
 from qwen_vl.demo.tasks import questions, which_question
-from qwen_vl.demo.train import CELL_COLOURS, CELL_SHAPES, Batcher, Conversations, cell_labels, train
+from qwen_vl.demo.train import CELL_COLOURS, CELL_SHAPES, FOCUS_LAYER, Batcher, Conversations, cell_labels, train
 from qwen_vl.model_executor.tokenizer import IMG_PAD_ID
 from qwen_vl.testing.checkpoint import config_dict, write_checkpoint
 from qwen_vl.testing.reference import ReferenceQwenVL, read_checkpoint
@@ -164,3 +165,50 @@ def test_questions_and_answers_say_an_before_orange():
     assert asked == {"Which picture shows an orange square?", "Which picture shows a red circle?"}
     naming = next(q for q in questions(Scene(224, 224, plain, [orange, red])) if q.kind == "name")
     assert naming.answer == "An orange square and a red circle."
+
+
+def test_the_attention_kept_for_the_focus_loss_is_the_attention_computed(demo_random):
+    """The explicit path that keeps a layer's weights computes the same hidden states as the
+    fused one; each position's weights sum to one over what it may see, and are zero elsewhere."""
+    path, example, _ = demo_random
+    vocab = sorted(set(example.ids))
+    model = TrainableQwenVL(DEMO, vocab)
+    model.load_checkpoint_state(read_checkpoint(path))
+    b = one_batch(example, vocab)
+    with torch.no_grad():
+        image_tokens = model.transformer.visual(b.pixels)
+        fused = model.hidden_states(b.ids, b.image_positions, image_tokens, b.segments)
+        kept, weights = model.hidden_states_and_attention(b.ids, b.image_positions, image_tokens, b.segments, FOCUS_LAYER)
+    torch.testing.assert_close(kept, fused, atol=1e-4, rtol=1e-4)
+    _, visible = packed_layout(b.segments)
+    seq = b.ids.shape[1]
+    assert weights.shape == (1, DEMO["num_attention_heads"], seq, seq)
+    torch.testing.assert_close(weights.sum(dim=-1), torch.ones(weights.shape[:-1]))
+    assert (weights.masked_select(~visible) == 0).all() and (~visible).any()
+
+
+def test_the_focus_points_each_answer_of_a_one_shape_question_at_that_shape():
+    """Every position that predicts an answer token of a colour or where question is told to look
+    at the image tokens of the shape asked about; a count question's are not told anything."""
+    scene = Scene(320, 160, ("white", "white"), [Shape("red", "circle", (0, 0, 80, 80)),
+                                                   Shape("blue", "triangle", (160, 80, 320, 160))],
+                  image=Image.new("RGB", (320, 160), "white"))
+    by_text = {q.text: q for q in questions(scene)}
+    asked = [by_text["How many shapes are there?"], by_text["What colour is the triangle?"], by_text["Where is the red circle?"]]
+    example = Conversations("focus").example([scene], asked)
+    b = one_batch(example, sorted(set(example.ids)))
+    segments, targets, focus = b.segments[0], b.targets[0], b.focus[0]
+    image_tokens = (torch.tensor(example.ids) == IMG_PAD_ID).nonzero().flatten()
+    labels = cell_labels(scene)
+    for k, question in enumerate(asked, start=1):
+        answering = (segments == k) & (targets >= 0)
+        assert answering.sum() >= 2
+        if question.kind == "count":
+            assert not focus[segments == k].any()
+            continue
+        subject = ((labels[:, 0] == CELL_SHAPES.index(question.subject.shape))
+                   & (labels[:, 1] == CELL_COLOURS.index(question.subject.colour)))
+        assert torch.equal(focus.any(dim=-1)[segments == k], answering[segments == k])
+        for row in answering.nonzero().flatten():
+            assert torch.equal(focus[row].nonzero().flatten(), image_tokens[subject])
+    assert not focus[segments == 0].any()

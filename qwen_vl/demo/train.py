@@ -162,7 +162,10 @@ class Conversations:
                 asked = list(found.values())
         if asked is None:
             asked = self._questions(scene)
+        return self.example(scenes, asked)
 
+    def example(self, scenes: list[Scene], asked: list[Question]) -> Example:
+        """`asked` about `scenes` (one picture, or two for "which picture"), packed."""
         images = [s.image for s in scenes]
         prompts = [self.builder.build([ChatMessage("user", paraphrase(q, self.rng), images)]).token_ids for q in asked]
         shared = len(prompts[0])
