@@ -189,26 +189,37 @@ def test_the_attention_kept_for_the_focus_loss_is_the_attention_computed(demo_ra
 
 def test_the_focus_points_each_answer_of_a_one_shape_question_at_that_shape():
     """Every position that predicts an answer token of a colour or where question is told to look
-    at the image tokens of the shape asked about; a count question's are not told anything."""
+    at the image tokens of the shape asked about; in a naming answer, the positions that predict
+    each shape's colour and name at that shape's; a count question's, nowhere."""
     scene = Scene(320, 160, ("white", "white"), [Shape("red", "circle", (0, 0, 80, 80)),
                                                    Shape("blue", "triangle", (160, 80, 320, 160))],
                   image=Image.new("RGB", (320, 160), "white"))
     by_text = {q.text: q for q in questions(scene)}
-    asked = [by_text["How many shapes are there?"], by_text["What colour is the triangle?"], by_text["Where is the red circle?"]]
-    example = Conversations("focus").example([scene], asked)
+    asked = [by_text[text] for text in ("How many shapes are there?", "What colour is the triangle?",
+                                        "Where is the red circle?", "What is in this picture?", "图中有什么？")]
+    conversations = Conversations("focus")
+    example = conversations.example([scene], asked)
     b = one_batch(example, sorted(set(example.ids)))
     segments, targets, focus = b.segments[0], b.targets[0], b.focus[0]
     image_tokens = (torch.tensor(example.ids) == IMG_PAD_ID).nonzero().flatten()
     labels = cell_labels(scene)
+    looks = {shape.name: image_tokens[(labels[:, 0] == CELL_SHAPES.index(shape.shape))
+                                      & (labels[:, 1] == CELL_COLOURS.index(shape.colour))] for shape in scene.shapes}
+    decode = conversations.tokenizer.decode
     for k, question in enumerate(asked, start=1):
-        answering = (segments == k) & (targets >= 0)
-        assert answering.sum() >= 2
+        answering = ((segments == k) & (targets >= 0)).nonzero().flatten()
+        said = [(decode([example.ids[row + 1]]).strip(), focus[row].nonzero().flatten()) for row in answering]
         if question.kind == "count":
             assert not focus[segments == k].any()
-            continue
-        subject = ((labels[:, 0] == CELL_SHAPES.index(question.subject.shape))
-                   & (labels[:, 1] == CELL_COLOURS.index(question.subject.colour)))
-        assert torch.equal(focus.any(dim=-1)[segments == k], answering[segments == k])
-        for row in answering.nonzero().flatten():
-            assert torch.equal(focus[row].nonzero().flatten(), image_tokens[subject])
+        elif question.kind in ("colour", "where"):
+            assert all(torch.equal(looked, looks[question.subject.name]) for _, looked in said)
+        else:  # the words of a shape's name look at it, and nothing else looks anywhere
+            colours = {"red": "red circle", "红色": "red circle", "blue": "blue triangle", "蓝色": "blue triangle"}
+            naming = {*colours, "circle", "triangle", "圆形", "三角", "形", "的"}  # 三角形 is two tokens
+            current = None
+            for word, looked in said:
+                current = colours.get(word, current)
+                expected = looks[current] if word in naming else torch.tensor([], dtype=torch.long)
+                assert torch.equal(looked, expected), (question.answer, word)
+            assert sum(len(looked) > 0 for _, looked in said) >= 4
     assert not focus[segments == 0].any()

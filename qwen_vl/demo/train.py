@@ -40,7 +40,7 @@ from tqdm import tqdm
 from qwen_vl.demo import weights
 from qwen_vl.demo.network import TrainableQwenVL
 from qwen_vl.demo.scenes import COLOURS, SHAPES, Scene, Shape, training_scene
-from qwen_vl.demo.tasks import Question, paraphrase, questions, which_question
+from qwen_vl.demo.tasks import Question, left_to_right, paraphrase, questions, which_question, zh_name
 from qwen_vl.model_executor.chat_prompt import ChatMessage, ChatPromptBuilder
 from qwen_vl.model_executor.processor import preprocess_image
 from qwen_vl.model_executor.tokenizer import IM_END_ID, IMG_PAD_ID, cached_backend_file, qwen_tiktoken_path
@@ -60,7 +60,8 @@ VOCAB_CONVERSATIONS = 20000
 # asked shape's cells no more than their share of all shapes' cells, and the answer was another
 # shape's colour (2-4 shapes) for thousands of steps (docs/demo.md). So for the questions about
 # one shape, one head of one middle layer is told, at each position that predicts an answer
-# token, to put its weight on that shape's cells: the loss is -log of the weight it puts there.
+# token, to put its weight on that shape's cells, and in a naming answer, at the positions that
+# predict a shape's colour and name, on that shape's: the loss is -log of the weight it puts there.
 FOCUS_KINDS = ("colour", "where", "where_zh", "which")
 FOCUS_LAYER, FOCUS_HEAD = 2, 0
 FOCUS_WEIGHT = 0.3
@@ -76,7 +77,7 @@ class Example:
     kinds: list[str | None]  # the question kind of each answer id (None elsewhere)
     images: list[Image.Image]
     cells: list[torch.Tensor]  # per image: [256, 2] shape and colour class of each grid cell
-    focus: dict[int, torch.Tensor]  # segment -> [images * 256] bool: the image tokens of the shape it asks about
+    focus: dict[int, torch.Tensor]  # index of an answer id -> [images * 256] bool: the image tokens its prediction should look at
 
     def single_turns(self) -> list[tuple[list[int], list[bool]]]:
         """Each question's conversation as the server would run it alone: ids and answer mask."""
@@ -173,6 +174,8 @@ class Conversations:
             agree = (i for i, (a, b) in enumerate(zip(prompt, prompts[0], strict=False)) if a != b)
             shared = min(shared, next(agree, min(len(prompt), len(prompts[0]))))
         ids, answer, segments, kinds = prompts[0][:shared], [False] * shared, [0] * shared, [None] * shared
+        cells = [cell_labels(s) for s in scenes]
+        focus = {}
         for k, (question, prompt) in enumerate(zip(asked, prompts, strict=True), start=1):
             own, reply = prompt[shared:], self.answer_ids(question) + [IM_END_ID]
             assert own or len(asked) == 1, "two questions with the same prompt"
@@ -180,18 +183,33 @@ class Conversations:
             answer += [False] * len(own) + [True] * len(reply)
             segments += [k] * (len(own) + len(reply))
             kinds += [None] * len(own) + [question.kind] * len(reply)
-        cells = [cell_labels(s) for s in scenes]
-        focus = {}
-        for k, question in enumerate(asked, start=1):
-            if question.kind in FOCUS_KINDS:
+            first = len(ids) - len(reply)
+            for token, shape in self._looking_at(question, scenes):
                 picture = question.target - 1 if question.kind == "which" else 0
-                subject = question.subject
                 where = torch.zeros(len(scenes), GRID * GRID, dtype=torch.bool)
-                where[picture] = ((cells[picture][:, 0] == CELL_SHAPES.index(subject.shape))
-                                  & (cells[picture][:, 1] == CELL_COLOURS.index(subject.colour)))
+                where[picture] = ((cells[picture][:, 0] == CELL_SHAPES.index(shape.shape))
+                                  & (cells[picture][:, 1] == CELL_COLOURS.index(shape.colour)))
                 if where.any():  # a cell's centre is inside every shape of this size, but be sure
-                    focus[k] = where.flatten()
+                    focus[first + token] = where.flatten()
         return Example(ids, answer, segments, kinds, images, cells, focus)
+
+    def _looking_at(self, question: Question, scenes: list[Scene]) -> list[tuple[int, Shape]]:
+        """(answer token, the shape its prediction should look at): every token of the answer to a
+        question about one shape (and the `<|im_end|>` after it); in a naming answer, the tokens
+        that say each shape's colour and name."""
+        if question.kind in FOCUS_KINDS:
+            return [(token, question.subject) for token in range(len(self.answer_ids(question)) + 1)]
+        if question.kind not in ("name", "name_zh"):
+            return []
+        encoding = self.tokenizer.encode(question.answer, add_special_tokens=False)
+        assert encoding.ids == self.answer_ids(question), "the answer's ids are not its plain encoding"
+        text, looking, start = question.answer.lower(), [], 0
+        for shape in left_to_right(scenes[0]):  # the order the answer names them in
+            name = zh_name(shape) if question.kind == "name_zh" else shape.name
+            begin = text.index(name, start)
+            start = begin + len(name)
+            looking += [(token, shape) for token, (a, b) in enumerate(encoding.offsets) if a < start and b > begin]
+        return looking
 
     def __iter__(self):
         return self
@@ -255,9 +273,8 @@ class Batcher:
             segments[row, :len(real)] = torch.tensor(example.segments)
             kinds[row, :len(real) - 1] = torch.tensor([KINDS.index(k) if k else -1 for k in example.kinds[1:]])
             image_tokens = (real == IMG_PAD_ID).nonzero().flatten()
-            for k, where in example.focus.items():
-                asking = (segments[row] == k) & (targets[row] >= 0)
-                focus[row, asking.nonzero()[:, None], image_tokens[where][None]] = True
+            for index, where in example.focus.items():
+                focus[row, index - 1, image_tokens[where]] = True  # the position that predicts ids[index]
         image_positions = ids == IMG_PAD_ID
         ids = self.compact[ids].clamp(min=0)
         pixels = torch.stack([preprocess_image(image, self.image_size) for e in examples for image in e.images])
