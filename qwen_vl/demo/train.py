@@ -184,8 +184,8 @@ class Conversations:
             segments += [k] * (len(own) + len(reply))
             kinds += [None] * len(own) + [question.kind] * len(reply)
             first = len(ids) - len(reply)
-            for token, shape in self._looking_at(question, scenes):
-                picture = question.target - 1 if question.kind == "which" else 0
+            picture = question.target - 1 if question.kind == "which" else 0
+            for token, shape in self._looking_at(question, scenes[0], reply):
                 where = torch.zeros(len(scenes), GRID * GRID, dtype=torch.bool)
                 where[picture] = ((cells[picture][:, 0] == CELL_SHAPES.index(shape.shape))
                                   & (cells[picture][:, 1] == CELL_COLOURS.index(shape.colour)))
@@ -193,18 +193,18 @@ class Conversations:
                     focus[first + token] = where.flatten()
         return Example(ids, answer, segments, kinds, images, cells, focus)
 
-    def _looking_at(self, question: Question, scenes: list[Scene]) -> list[tuple[int, Shape]]:
-        """(answer token, the shape its prediction should look at): every token of the answer to a
-        question about one shape (and the `<|im_end|>` after it); in a naming answer, the tokens
-        that say each shape's colour and name."""
+    def _looking_at(self, question: Question, scene: Scene, reply: list[int]) -> list[tuple[int, Shape]]:
+        """(token of `reply`, the shape its prediction should look at): every token of the answer
+        to a question about one shape (and the `<|im_end|>` after it); in a naming answer about
+        `scene`, the tokens that say each shape's colour and name."""
         if question.kind in FOCUS_KINDS:
-            return [(token, question.subject) for token in range(len(self.answer_ids(question)) + 1)]
+            return [(token, question.subject) for token in range(len(reply))]
         if question.kind not in ("name", "name_zh"):
             return []
         encoding = self.tokenizer.encode(question.answer, add_special_tokens=False)
-        assert encoding.ids == self.answer_ids(question), "the answer's ids are not its plain encoding"
+        assert encoding.ids == reply[:-1], "the answer's ids are not its plain encoding"
         text, looking, start = question.answer.lower(), [], 0
-        for shape in left_to_right(scenes[0]):  # the order the answer names them in
+        for shape in left_to_right(scene):  # the order the answer names them in
             name = zh_name(shape) if question.kind == "name_zh" else shape.name
             begin = text.index(name, start)
             start = begin + len(name)
