@@ -3,6 +3,7 @@ vocabulary's softmax, and writes a checkpoint in the original layout."""
 
 import random
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,9 +12,10 @@ from safetensors.torch import load_file, save_file
 
 from qwen_vl.demo import weights
 from qwen_vl.demo.network import TrainableQwenVL, packed_layout
-from qwen_vl.demo.scenes import Scene, Shape
+from qwen_vl.demo.scenes import Scene, Shape, training_scene
 from qwen_vl.demo.tasks import questions, which_question
-from qwen_vl.demo.train import CELL_COLOURS, CELL_SHAPES, FOCUS_LAYER, Batcher, Conversations, cell_labels, train
+from qwen_vl.demo.train import (CELL_COLOURS, CELL_SHAPES, FOCUS_LAYER, Batcher, Conversations, cell_labels, letter_cells,
+                                 train)
 from qwen_vl.model_executor.tokenizer import IMG_PAD_ID
 from qwen_vl.testing.checkpoint import config_dict, write_checkpoint
 from qwen_vl.testing.reference import ReferenceQwenVL, read_checkpoint
@@ -128,16 +130,49 @@ def test_a_file_of_another_vocabulary_is_refused(tmp_path):
         train(tmp_path / "second.safetensors", steps=1, batch=2, seed=0, vocab_conversations=200, start=other)
 
 
+def _scene_with_a_word() -> Scene:
+    """320x160 (grid cells 20x10 px): a red circle top left, a blue triangle bottom right, and the
+    word ABC at the top right, each letter two columns (8-9, 10-11, 12-13) by three rows wide."""
+    return Scene(320, 160, ("white", "white"), [Shape("red", "circle", (0, 0, 80, 80)),
+                                                Shape("blue", "triangle", (160, 80, 320, 160))],
+                 word="ABC", word_box=(160, 0, 280, 30), letters=[(160, 200), (200, 240), (240, 280)],
+                 image=Image.new("RGB", (320, 160), "white"))
+
+
 def test_the_probe_labels_each_grid_cell_with_what_covers_it():
     """The training-only probe's targets: row by row over the 16x16 grid the image is resized to."""
-    scene = Scene(320, 160, ("white", "white"), [Shape("red", "circle", (0, 0, 80, 80)),
-                                                   Shape("blue", "triangle", (160, 80, 320, 160))])
-    labels = cell_labels(scene).view(16, 16, 2)
-    assert labels[4, 2].tolist() == [CELL_SHAPES.index("circle"), CELL_COLOURS.index("red")]  # the circle's centre
-    assert labels[0, 0].tolist() == [0, 0]  # the circle's bounding box corner is background
-    assert labels[15, 12].tolist() == [CELL_SHAPES.index("triangle"), CELL_COLOURS.index("blue")]  # the base
-    assert labels[8, 8].tolist() == [0, 0]  # beside the apex, outside the triangle
-    assert labels[9, 12].tolist() == [CELL_SHAPES.index("triangle"), CELL_COLOURS.index("blue")]
+    labels = cell_labels(_scene_with_a_word()).view(16, 16, 3)
+    circle, triangle = [CELL_SHAPES.index("circle"), CELL_COLOURS.index("red")], [CELL_SHAPES.index("triangle"), CELL_COLOURS.index("blue")]
+    assert labels[4, 2].tolist() == [*circle, -1]  # the circle's centre
+    assert labels[0, 0].tolist() == [0, 0, -1]  # the circle's bounding box corner is background
+    assert labels[15, 12].tolist() == [*triangle, -1]  # the base
+    assert labels[8, 8].tolist() == [0, 0, -1]  # beside the apex, outside the triangle
+    assert labels[9, 12].tolist() == [*triangle, -1]
+    word = CELL_SHAPES.index("word")
+    assert [labels[1, column].tolist() for column in range(7, 15)] == [
+        [0, 0, -1], [word, -1, 0], [word, -1, 0], [word, -1, 1], [word, -1, 1], [word, -1, 2], [word, -1, 2], [0, 0, -1]]
+    assert labels[3, 9].tolist() == [0, 0, -1]  # below the word
+
+
+def test_a_letter_is_the_cells_it_covers_as_drawn():
+    """Each letter's extent as the scene drew it (DejaVu Sans Bold and Pillow's own font), and the
+    grid cells the reading focus sends each letter of the answer to."""
+    for seed in range(12):
+        scene = training_scene(random.Random(seed))
+        if not scene.word:
+            continue
+        assert len(scene.letters) == len(scene.word)
+        assert scene.letters[0][0] == scene.word_box[0] and scene.letters[-1][1] == scene.word_box[2]
+        assert all(a < b for a, b in scene.letters) and all(b == c for (_, b), (c, _) in zip(scene.letters, scene.letters[1:]))
+        pixels = numpy.asarray(scene.image.convert("L"), dtype=numpy.int16)
+        background = pixels[scene.word_box[1]:scene.word_box[3], scene.word_box[0] - 1]
+        for a, b in scene.letters:  # ink in every letter's extent
+            assert (abs(pixels[scene.word_box[1]:scene.word_box[3], a:b] - background[:, None]) > 40).any()
+    scene = _scene_with_a_word()
+    for k in range(3):
+        expected = torch.zeros(16, 16, dtype=torch.bool)
+        expected[0:3, 8 + 2 * k:10 + 2 * k] = True
+        assert torch.equal(letter_cells(scene, k), expected.flatten())
 
 
 def test_the_plugin_serves_a_224_pixel_checkpoint_as_the_original_computes_it(demo_random):
@@ -190,13 +225,13 @@ def test_the_attention_kept_for_the_focus_loss_is_the_attention_computed(demo_ra
 def test_the_focus_points_each_answer_of_a_one_shape_question_at_that_shape():
     """Every position that predicts an answer token of a colour or where question is told to look
     at the image tokens of the shape asked about; in a naming answer, the positions that predict
-    each shape's colour and name at that shape's; a count question's, nowhere."""
-    scene = Scene(320, 160, ("white", "white"), [Shape("red", "circle", (0, 0, 80, 80)),
-                                                   Shape("blue", "triangle", (160, 80, 320, 160))],
-                  image=Image.new("RGB", (320, 160), "white"))
+    each shape's colour and name at that shape's; reading the word, each letter at its letter's;
+    a count question's, nowhere."""
+    scene = _scene_with_a_word()
     by_text = {q.text: q for q in questions(scene)}
     asked = [by_text[text] for text in ("How many shapes are there?", "What colour is the triangle?",
-                                        "Where is the red circle?", "What is in this picture?", "图中有什么？")]
+                                        "Where is the red circle?", "What is in this picture?", "图中有什么？",
+                                        "What does the text say?")]
     conversations = Conversations("focus")
     example = conversations.example([scene], asked)
     b = one_batch(example, sorted(set(example.ids)))
@@ -213,6 +248,11 @@ def test_the_focus_points_each_answer_of_a_one_shape_question_at_that_shape():
             assert not focus[segments == k].any()
         elif question.kind in ("colour", "where"):
             assert all(torch.equal(looked, looks[question.subject.name]) for _, looked in said)
+        elif question.kind == "text":  # A, B, C, then <|im_end|> nowhere
+            assert [word for word, _ in said] == ["A", "B", "C", ""]  # decode drops the special token
+            for k, (_, looked) in enumerate(said[:3]):
+                assert torch.equal(looked, image_tokens[letter_cells(scene, k)]) and len(looked) == 6
+            assert len(said[3][1]) == 0
         else:  # the words of a shape's name look at it, and nothing else looks anywhere
             colours = {"red": "red circle", "红色": "red circle", "blue": "blue triangle", "蓝色": "blue triangle"}
             naming = {*colours, "circle", "triangle", "圆形", "三角", "形", "的"}  # 三角形 is two tokens

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "black", "white")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # the word's
 BACKGROUNDS = ("white", "light grey", "black")
 
 # Reference RGB values; each generator perturbs them its own way.
@@ -55,6 +56,7 @@ class Scene:
     shapes: list[Shape]
     word: str | None = None
     word_box: tuple[int, int, int, int] | None = None
+    letters: list[tuple[int, int]] = field(default_factory=list)  # each letter's x1, x2 in pixels, as drawn
     image: Image.Image | None = field(default=None, repr=False)
 
     def with_shape(self, shape: str) -> list[Shape]:
@@ -114,6 +116,11 @@ def _render(scene: Scene, rgb: dict[str, tuple[int, int, int]], word_fill, font_
         x, y = scene.word_box[:2]
         left, top_, _, _ = draw.textbbox((0, 0), scene.word, font=font, stroke_width=stroke)
         draw.text((x - left, y - top_), scene.word, font=font, fill=word_fill, stroke_width=stroke, stroke_fill=word_fill)
+        # Letter k lies between where the text up to it ends and where the text through it ends
+        # (kerning moves a boundary by a pixel or two; the stroke widens both ends).
+        ends = [x - left + draw.textbbox((0, 0), scene.word[:k], font=font, stroke_width=stroke)[2] if k else x
+                for k in range(len(scene.word))] + [scene.word_box[2]]
+        scene.letters = [(round(a), round(b)) for a, b in zip(ends, ends[1:], strict=False)]
     scene.image = image
     return scene
 
@@ -160,7 +167,7 @@ def _contrasting(background: tuple[str, str]) -> list[str]:
 
 
 def _random_word(rng: random.Random) -> str:
-    return "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(rng.randint(3, 6)))
+    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
 
 
 def training_scene(rng: random.Random) -> Scene:

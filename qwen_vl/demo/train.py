@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from qwen_vl.demo import weights
 from qwen_vl.demo.network import TrainableQwenVL
-from qwen_vl.demo.scenes import COLOURS, SHAPES, Scene, Shape, training_scene
+from qwen_vl.demo.scenes import COLOURS, LETTERS, SHAPES, Scene, Shape, training_scene
 from qwen_vl.demo.tasks import Question, left_to_right, paraphrase, questions, which_question, zh_name
 from qwen_vl.model_executor.chat_prompt import ChatMessage, ChatPromptBuilder
 from qwen_vl.model_executor.processor import preprocess_image
@@ -53,6 +53,7 @@ KIND_WEIGHTS = {"name": 1.0, "count": 0.6, "colour": 1.6, "where": 1.6, "text": 
 KINDS = (*KIND_WEIGHTS, "which")
 TWO_PICTURE_SHARE = 0.12
 PROBE_WEIGHT = 0.5  # of the grid-cell probe's loss beside the answers'
+LETTER_PROBE_WEIGHT = 0.25  # of its reading of the letter on each cell of the word
 QUESTIONS_PER_PICTURE = 8
 VOCAB_CONVERSATIONS = 20000
 # Where to look, taught directly (training only). Asked the colour of the square, the decoder
@@ -76,7 +77,7 @@ class Example:
     segments: list[int]  # 0: shared by every question; k: the k-th question and its answer
     kinds: list[str | None]  # the question kind of each answer id (None elsewhere)
     images: list[Image.Image]
-    cells: list[torch.Tensor]  # per image: [256, 2] shape and colour class of each grid cell
+    cells: list[torch.Tensor]  # per image: [256, 3] shape, colour and letter class of each grid cell (cell_labels)
     focus: dict[int, torch.Tensor]  # index of an answer id -> [images * 256] bool: the image tokens its prediction should look at
 
     def single_turns(self) -> list[tuple[list[int], list[bool]]]:
@@ -98,19 +99,33 @@ GRID = 16
 
 
 def cell_labels(scene: Scene) -> torch.Tensor:
-    """[256, 2]: for each cell of the 16x16 grid the image is resized to (row by row, as the
-    adapter's queries), the class of what covers its centre and of its colour (-1: the word's
-    colour, not asked)."""
-    labels = torch.zeros(GRID * GRID, 2, dtype=torch.long)
+    """[256, 3]: for each cell of the 16x16 grid the image is resized to (row by row, as the
+    adapter's queries), the class of what covers its centre, of its colour (-1: the word's colour,
+    not asked) and, on the word, of the letter there (0-25; -1 elsewhere)."""
+    labels = torch.zeros(GRID * GRID, 3, dtype=torch.long)
+    labels[:, 2] = -1
     for cell in range(GRID * GRID):
         x = (cell % GRID + 0.5) / GRID * scene.width
         y = (cell // GRID + 0.5) / GRID * scene.height
         for shape in scene.shapes:
             if _inside(shape, x, y):
-                labels[cell] = torch.tensor([CELL_SHAPES.index(shape.shape), CELL_COLOURS.index(shape.colour)])
+                labels[cell, :2] = torch.tensor([CELL_SHAPES.index(shape.shape), CELL_COLOURS.index(shape.colour)])
         if scene.word_box and scene.word_box[0] <= x < scene.word_box[2] and scene.word_box[1] <= y < scene.word_box[3]:
-            labels[cell] = torch.tensor([CELL_SHAPES.index("word"), -1])
+            letter = next(k for k, (a, b) in enumerate(scene.letters) if x < b or k == len(scene.letters) - 1)
+            labels[cell] = torch.tensor([CELL_SHAPES.index("word"), -1, LETTERS.index(scene.word[letter])])
     return labels
+
+
+def letter_cells(scene: Scene, k: int) -> torch.Tensor:
+    """[256] bool: the grid cells on the word's k-th letter: those that share at least 40% of the
+    narrower of the two (cell, letter) in each direction (a letter at 224 pixels is 6-30 wide, a
+    cell 14, so a narrow letter may cover no cell's centre)."""
+    (a, b), (_, top, _, bottom) = scene.letters[k], scene.word_box
+    cell_w, cell_h = scene.width / GRID, scene.height / GRID
+    edges = torch.arange(GRID + 1, dtype=torch.float)
+    across = ((edges[1:] * cell_w).clamp(max=b) - (edges[:-1] * cell_w).clamp(min=a)) >= 0.4 * min(cell_w, b - a)
+    down = ((edges[1:] * cell_h).clamp(max=bottom) - (edges[:-1] * cell_h).clamp(min=top)) >= 0.4 * min(cell_h, bottom - top)
+    return (down[:, None] & across[None, :]).flatten()
 
 
 def _inside(shape: Shape, x: float, y: float) -> bool:
@@ -185,20 +200,25 @@ class Conversations:
             kinds += [None] * len(own) + [question.kind] * len(reply)
             first = len(ids) - len(reply)
             picture = question.target - 1 if question.kind == "which" else 0
-            for token, shape in self._looking_at(question, scenes[0], reply):
-                where = torch.zeros(len(scenes), GRID * GRID, dtype=torch.bool)
-                where[picture] = ((cells[picture][:, 0] == CELL_SHAPES.index(shape.shape))
-                                  & (cells[picture][:, 1] == CELL_COLOURS.index(shape.colour)))
-                if where.any():  # a cell's centre is inside every shape of this size, but be sure
+            for token, cells_there in self._looking_at(question, scenes[picture], cells[picture], reply):
+                if cells_there.any():  # a cell's centre is inside every shape of this size, but be sure
+                    where = torch.zeros(len(scenes), GRID * GRID, dtype=torch.bool)
+                    where[picture] = cells_there
                     focus[first + token] = where.flatten()
         return Example(ids, answer, segments, kinds, images, cells, focus)
 
-    def _looking_at(self, question: Question, scene: Scene, reply: list[int]) -> list[tuple[int, Shape]]:
-        """(token of `reply`, the shape its prediction should look at): every token of the answer
-        to a question about one shape (and the `<|im_end|>` after it); in a naming answer about
-        `scene`, the tokens that say each shape's colour and name."""
+    def _looking_at(self, question: Question, scene: Scene, cells: torch.Tensor,
+                    reply: list[int]) -> list[tuple[int, torch.Tensor]]:
+        """(token of `reply`, the grid cells of `scene` its prediction should look at): every token
+        of the answer to a question about one shape (and the `<|im_end|>` after it) that shape's;
+        in a naming answer, the tokens that say each shape's colour and name that shape's; in
+        the word, each letter its letter's."""
+        def on(shape: Shape) -> torch.Tensor:
+            return (cells[:, 0] == CELL_SHAPES.index(shape.shape)) & (cells[:, 1] == CELL_COLOURS.index(shape.colour))
         if question.kind in FOCUS_KINDS:
-            return [(token, question.subject) for token in range(len(reply))]
+            return [(token, on(question.subject)) for token in range(len(reply))]
+        if question.kind == "text":
+            return [(k, letter_cells(scene, k)) for k in range(len(scene.word))]
         if question.kind not in ("name", "name_zh"):
             return []
         encoding = self.tokenizer.encode(question.answer, add_special_tokens=False)
@@ -208,7 +228,7 @@ class Conversations:
             name = zh_name(shape) if question.kind == "name_zh" else shape.name
             begin = text.index(name, start)
             start = begin + len(name)
-            looking += [(token, shape) for token, (a, b) in enumerate(encoding.offsets) if a < start and b > begin]
+            looking += [(token, on(shape)) for token, (a, b) in enumerate(encoding.offsets) if a < start and b > begin]
         return looking
 
     def __iter__(self):
@@ -218,7 +238,7 @@ class Conversations:
 def build_vocab(conversations_seen: int = VOCAB_CONVERSATIONS, seed: int | str = "vocab") -> list[int]:
     """Every token id the conversations use (sampled widely), plus every capital letter and digit."""
     conversations = Conversations(seed)
-    found = {conversations.tokenizer.token_to_id(c) for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"}
+    found = {conversations.tokenizer.token_to_id(c) for c in LETTERS + "0123456789"}
     for _ in tqdm(range(conversations_seen), desc="vocabulary", leave=False):
         found.update(next(conversations).ids)
     return sorted(found)
@@ -232,7 +252,7 @@ class Batch:
     targets: torch.Tensor  # [n, seq] the compact id each position predicts (-1: not an answer)
     segments: torch.Tensor  # [n, seq] (network.packed_layout; -1: padding)
     kinds: torch.Tensor  # [n, seq] index in KINDS of the answer each target belongs to (-1: none)
-    cells: torch.Tensor  # [images, 256, 2] the probe's labels
+    cells: torch.Tensor  # [images, 256, 3] the probe's labels (cell_labels)
     focus: torch.Tensor  # [n, seq, seq] bool: the image tokens a position predicting an answer should look at
 
 
@@ -361,7 +381,8 @@ def train(out: Path, steps: int, batch: int, seed: int, peak_lr: float = 1e-3, w
     # its grid cell (shape, colour) and which cell it is (row, column), so the visual encoder
     # keeps what and where from the first step (without it, image tokens collapse to a constant:
     # see initialise).
-    probe = torch.nn.Linear(config["hidden_size"], len(CELL_SHAPES) + len(CELL_COLOURS) + 2 * GRID)
+    # and, on the word, which letter (the decoder reads the word letter by letter from these tokens).
+    probe = torch.nn.Linear(config["hidden_size"], len(CELL_SHAPES) + len(CELL_COLOURS) + 2 * GRID + len(LETTERS))
     rows, columns = torch.arange(GRID * GRID) // GRID, torch.arange(GRID * GRID) % GRID
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if probe_weight:
@@ -393,14 +414,18 @@ def train(out: Path, steps: int, batch: int, seed: int, peak_lr: float = 1e-3, w
                     loss = loss + focus_weight * losses["focus"]
                 if probe_weight:
                     guesses = probe(image_tokens).float().flatten(0, 1)
-                    shape_guess, colour_guess, row_guess, column_guess = guesses.split(
-                        [len(CELL_SHAPES), len(CELL_COLOURS), GRID, GRID], dim=-1)
+                    shape_guess, colour_guess, row_guess, column_guess, letter_guess = guesses.split(
+                        [len(CELL_SHAPES), len(CELL_COLOURS), GRID, GRID, len(LETTERS)], dim=-1)
                     images = len(image_tokens)
                     losses["cells"] = (F.cross_entropy(shape_guess, b.cells[..., 0].flatten())
                                        + F.cross_entropy(colour_guess, b.cells[..., 1].flatten(), ignore_index=-1)
                                        + F.cross_entropy(row_guess, rows.repeat(images))
                                        + F.cross_entropy(column_guess, columns.repeat(images)))
                     loss = loss + probe_weight * losses["cells"]
+                    letters = b.cells[..., 2].flatten()
+                    if (letters >= 0).any():
+                        losses["letters"] = F.cross_entropy(letter_guess, letters, ignore_index=-1)
+                        loss = loss + LETTER_PROBE_WEIGHT * losses["letters"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(trained.values()), 1.0)
