@@ -14,8 +14,7 @@ from qwen_vl.demo import weights
 from qwen_vl.demo.network import TrainableQwenVL, packed_layout
 from qwen_vl.demo.scenes import Scene, Shape, training_scene
 from qwen_vl.demo.tasks import questions, which_question
-from qwen_vl.demo.train import (CELL_COLOURS, CELL_SHAPES, FOCUS_LAYER, Batcher, Conversations, cell_labels, letter_cells,
-                                 train)
+from qwen_vl.demo.train import CELL_COLOURS, CELL_SHAPES, FOCUS_LAYER, Batcher, Conversations, cell_labels, letter_cells, train
 from qwen_vl.model_executor.tokenizer import IMG_PAD_ID
 from qwen_vl.testing.checkpoint import config_dict, write_checkpoint
 from qwen_vl.testing.reference import ReferenceQwenVL, read_checkpoint
