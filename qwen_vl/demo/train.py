@@ -61,8 +61,9 @@ VOCAB_CONVERSATIONS = 20000
 # asked shape's cells no more than their share of all shapes' cells, and the answer was another
 # shape's colour (2-4 shapes) for thousands of steps (docs/demo.md). So for the questions about
 # one shape, one head of one middle layer is told, at each position that predicts an answer
-# token, to put its weight on that shape's cells, and in a naming answer, at the positions that
-# predict a shape's colour and name, on that shape's: the loss is -log of the weight it puts there.
+# token, to put its weight on that shape's cells; in a naming answer, at the positions that
+# predict a shape's colour and name, on that shape's; reading the word, at the position that
+# predicts its k-th letter, on that letter's: the loss is -log of the weight it puts there.
 FOCUS_KINDS = ("colour", "where", "where_zh", "which")
 FOCUS_LAYER, FOCUS_HEAD = 2, 0
 FOCUS_WEIGHT = 0.3
