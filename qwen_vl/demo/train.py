@@ -119,7 +119,7 @@ def cell_labels(scene: Scene) -> torch.Tensor:
 
 def letter_cells(scene: Scene, k: int) -> torch.Tensor:
     """[256] bool: the grid cells on the word's k-th letter: those that share at least 40% of the
-    narrower of the two (cell, letter) in each direction (a letter at 224 pixels is 6-30 wide, a
+    narrower of the two (cell, letter) in each direction (a letter at 224 pixels is 6-43 wide, a
     cell 14, so a narrow letter may cover no cell's centre)."""
     (a, b), (_, top, _, bottom) = scene.letters[k], scene.word_box
     cell_w, cell_h = scene.width / GRID, scene.height / GRID
