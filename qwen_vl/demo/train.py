@@ -383,7 +383,8 @@ def train(out: Path, steps: int, batch: int, seed: int, peak_lr: float = 1e-3, w
     # keeps what and where from the first step (without it, image tokens collapse to a constant:
     # see initialise).
     # and, on the word, which letter (the decoder reads the word letter by letter from these tokens).
-    probe = torch.nn.Linear(config["hidden_size"], len(CELL_SHAPES) + len(CELL_COLOURS) + 2 * GRID + len(LETTERS))
+    heads = [len(CELL_SHAPES), len(CELL_COLOURS), GRID, GRID, len(LETTERS)]  # shape, colour, row, column, letter
+    probe = torch.nn.Linear(config["hidden_size"], sum(heads))
     rows, columns = torch.arange(GRID * GRID) // GRID, torch.arange(GRID * GRID) % GRID
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if probe_weight:
@@ -415,8 +416,7 @@ def train(out: Path, steps: int, batch: int, seed: int, peak_lr: float = 1e-3, w
                     loss = loss + focus_weight * losses["focus"]
                 if probe_weight:
                     guesses = probe(image_tokens).float().flatten(0, 1)
-                    shape_guess, colour_guess, row_guess, column_guess, letter_guess = guesses.split(
-                        [len(CELL_SHAPES), len(CELL_COLOURS), GRID, GRID, len(LETTERS)], dim=-1)
+                    shape_guess, colour_guess, row_guess, column_guess, letter_guess = guesses.split(heads, dim=-1)
                     images = len(image_tokens)
                     losses["cells"] = (F.cross_entropy(shape_guess, b.cells[..., 0].flatten())
                                        + F.cross_entropy(colour_guess, b.cells[..., 1].flatten(), ignore_index=-1)
