@@ -117,6 +117,24 @@ def test_training_continues_from_a_file_and_can_freeze_the_visual_encoder(tmp_pa
     assert (metadata["start"], metadata["freeze"]) == ("first.safetensors", freeze)
 
 
+def test_one_run_can_freeze_its_vit_after_some_steps_and_is_repeatable(tmp_path):
+    """--vit-steps 1: after the first step the ViT comes out bit for bit as the first step left
+    it (a 1-step run from the same seed), while the adapter and the decoder go on learning; the
+    same command twice writes the same bytes."""
+    one, three, again = (tmp_path / f"{name}.safetensors" for name in ("one", "three", "again"))
+    train(one, steps=1, batch=2, seed=0, vocab_conversations=200)
+    train(three, steps=3, batch=2, seed=0, vocab_conversations=200, vit_steps=1)
+    train(again, steps=3, batch=2, seed=0, vocab_conversations=200, vit_steps=1)
+    assert three.read_bytes() == again.read_bytes()
+    after_one, after_three = load_file(one), load_file(three)
+    adapter = ("transformer.visual.attn_pool.", "transformer.visual.ln_post.", "transformer.visual.proj")
+    vit = [name for name in after_one if name.startswith("transformer.visual.") and not name.startswith(adapter)]
+    assert len(vit) > 50 and all(torch.equal(after_one[name], after_three[name]) for name in vit)
+    for learning in ("transformer.visual.attn_pool.kv_proj.weight", "transformer.h.0.attn.c_attn.weight"):
+        assert not torch.equal(after_one[learning], after_three[learning]), learning
+    assert weights.training_metadata(three)["vit_steps"] == 1
+
+
 def test_a_file_of_another_vocabulary_is_refused(tmp_path):
     """Rows of the embedding and LM head are stored by vocabulary position: a file whose ids differ
     from this run's would load every row into the wrong token."""

@@ -28,7 +28,9 @@ def save(model, out: Path, metadata: dict) -> None:
     tensors = {name: tensor.detach().to(torch.bfloat16).contiguous() for name, tensor in model.state_dict().items()}
     tensors["vocab_ids"] = model.vocab.clone()
     tmp = out.with_suffix(".tmp")
-    save_file(tensors, tmp, metadata={"format": "pt", "training": json.dumps(metadata, sort_keys=True)})
+    # One metadata entry: safetensors writes a dict's entries in no fixed order, and the same run
+    # must write the same bytes.
+    save_file(tensors, tmp, metadata={"training": json.dumps(metadata, sort_keys=True)})
     tmp.replace(out)
 
 
