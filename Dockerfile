@@ -9,7 +9,7 @@
 # (HF_HOME=/models/hf), or a directory mounted into the container, e.g.
 #   -v /srv/Qwen-VL-Chat:/models/Qwen-VL-Chat:ro -e QWEN_VL_MODEL=/models/Qwen-VL-Chat
 # A bind mount at /models must be writable by uid 10001 for downloads; with a
-# read-only one, add -e HF_HUB_OFFLINE=1. The built-in demo checkpoint is not
+# read-only one, add -e HF_HUB_OFFLINE=1. The built-in demo model is not
 # served here (it needs the test-only dashscope package).
 #
 # Every setting is an environment variable: QWEN_VL_ + the flag in capitals

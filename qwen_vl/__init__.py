@@ -13,8 +13,8 @@ and `demo` are users of the rest, and nothing in the serving path imports them):
     server/          the process: settings (flags, variables), CPU set-up, `python -m qwen_vl.server`
     api/             the HTTP API: wire protocol, routers, chat-to-prompt, images, grounding
     engine/          vLLM's async engine for the server: lifecycle, scheduling, metrics
-    testing/         the plain-PyTorch reference and the checkpoint writer (tests, benchmarks, the
-                     built-in demo checkpoint)
+    testing/         the plain-PyTorch reference and the checkpoint writer (tests, benchmarks), and
+                     the built-in demo model's shipped weights
     model_executor/  the vLLM plugin: network, processor, tokenizer, weights, the checkpoint's
                      facts, and the hooks into vLLM (listed in its docstring)
     options.py       how a setting is declared once (flag, variable, typed field)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: sets up the environment, then starts the OpenAI-compatible
-# server on 127.0.0.1:8000, serving the built-in demo checkpoint (written on
+# server on 127.0.0.1:8000, serving the built-in demo model (expanded on
 # first use) unless --model says otherwise. Extra arguments go to the server
 # (`bash scripts/run.sh --help` lists them all).
 set -euo pipefail

@@ -4,6 +4,7 @@ session. What the tests share that is not a fixture is in tests/helpers.py."""
 import functools
 import http.server
 import os
+import sys
 import threading
 
 import pytest
@@ -11,8 +12,9 @@ import pytest
 # A small KV cache keeps each engine at a few GiB of RAM on the CI machine.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+from qwen_vl.benchmarks.harness import Server
 from qwen_vl.testing.checkpoint import write_checkpoint
-from tests.helpers import API_KEY, cases, start_server
+from tests.helpers import API_KEY, cases, start_server, started
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +75,17 @@ def server(tiny_checkpoint, tmp_path_factory):
         # Compact JSON: random weights would otherwise fill a JSON answer with whitespace.
         "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
     )
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory):
+    """The server as `bash scripts/run.sh` starts it, serving the shipped demo model (no --model),
+    with the test key; one per module that asks for it."""
+    log = tmp_path_factory.mktemp("demo-server") / "server.log"
+    server = started(Server("qwen_vl.server (demo)", lambda port: [
+        sys.executable, "-m", "qwen_vl.server", "--port", str(port), "--api-key", API_KEY], log))
     yield server.url
     server.stop()
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from qwen_vl.model_executor.tokenizer import VOCAB_SIZE
 from qwen_vl.testing import checkpoint
-from qwen_vl.testing.checkpoint import demo_checkpoint, sincos_table, write_checkpoint
+from qwen_vl.testing.checkpoint import sincos_table, write_checkpoint
 
 REAL = Path(__file__).parent / "data" / "qwen-vl-chat"
 
@@ -151,11 +151,3 @@ def test_sizes_the_original_layout_cannot_express_are_rejected(tmp_path, monkeyp
     with pytest.raises(ValueError, match="kv_proj"):
         write_checkpoint(tmp_path, preset="no-kv-proj")
 
-
-def test_demo_checkpoint_is_written_once_into_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("QWEN_VL_CACHE", str(tmp_path))
-    path = demo_checkpoint()
-    assert path == tmp_path / "demo-tiny" and (path / "model.safetensors.index.json").exists()
-    mtime = (path / "config.json").stat().st_mtime_ns
-    assert demo_checkpoint() == path and (path / "config.json").stat().st_mtime_ns == mtime
-    assert [p.name for p in tmp_path.iterdir()] == ["demo-tiny"]  # no temporary directory left

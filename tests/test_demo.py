@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from qwen_vl.demo import weights
 from qwen_vl.demo.network import TrainableQwenVL, packed_layout
 from qwen_vl.demo.scenes import Scene, Shape, training_scene
 from qwen_vl.demo.tasks import questions, which_question
 from qwen_vl.demo.train import CELL_COLOURS, CELL_SHAPES, FOCUS_LAYER, Batcher, Conversations, cell_labels, letter_cells, train
 from qwen_vl.model_executor.tokenizer import IMG_PAD_ID
 from qwen_vl.testing.checkpoint import config_dict, write_checkpoint
+from qwen_vl.testing.demo_checkpoint import training_metadata, write_trained_checkpoint
 from qwen_vl.testing.reference import ReferenceQwenVL, read_checkpoint
 
 DEMO = config_dict("demo")
@@ -89,10 +89,10 @@ def test_training_writes_a_checkpoint_in_the_original_layout(tmp_path):
     strictly (no tensor missing or unused), with the trained rows in place and zeros elsewhere."""
     shipped = tmp_path / "weights.safetensors"
     train(shipped, steps=2, batch=2, seed=0, vocab_conversations=200)
-    checkpoint = weights.write_demo_checkpoint(tmp_path / "checkpoint", shipped)
+    checkpoint = write_trained_checkpoint(tmp_path / "checkpoint", shipped)
     state = read_checkpoint(checkpoint)
     ReferenceQwenVL.from_pretrained(checkpoint)
-    assert weights.training_metadata(shipped)["steps"] == 2
+    assert training_metadata(shipped)["steps"] == 2
     used = state["lm_head.weight"].abs().sum(dim=1) > 0
     assert 50 < int(used.sum()) < 1000 and state["lm_head.weight"].shape[0] == 151936
 
@@ -113,7 +113,7 @@ def test_training_continues_from_a_file_and_can_freeze_the_visual_encoder(tmp_pa
     adapter_same = torch.equal(before["transformer.visual.attn_pool.kv_proj.weight"], after["transformer.visual.attn_pool.kv_proj.weight"])
     assert adapter_same == (freeze == "visual")
     assert not torch.equal(before["transformer.h.0.attn.c_attn.weight"], after["transformer.h.0.attn.c_attn.weight"])
-    metadata = weights.training_metadata(second)
+    metadata = training_metadata(second)
     assert (metadata["start"], metadata["freeze"]) == ("first.safetensors", freeze)
 
 
@@ -132,7 +132,7 @@ def test_one_run_can_freeze_its_vit_after_some_steps_and_is_repeatable(tmp_path)
     assert len(vit) > 50 and all(torch.equal(after_one[name], after_three[name]) for name in vit)
     for learning in ("transformer.visual.attn_pool.kv_proj.weight", "transformer.h.0.attn.c_attn.weight"):
         assert not torch.equal(after_one[learning], after_three[learning]), learning
-    assert weights.training_metadata(three)["vit_steps"] == 1
+    assert training_metadata(three)["vit_steps"] == 1
 
 
 def test_a_file_of_another_vocabulary_is_refused(tmp_path):

@@ -14,6 +14,8 @@ from PIL import Image, ImageDraw
 
 from qwen_vl.api.app import create_app
 from qwen_vl.api.grounding import parse_grounding
+from qwen_vl.demo.scenes import evaluation_scene
+from qwen_vl.demo.tasks import iou
 from qwen_vl.server.settings import parse
 from tests.helpers import API_KEY, assert_error
 
@@ -220,6 +222,44 @@ def test_a_grounded_chat_in_the_browser_draws_the_boxes_on_the_picture(browser, 
     assert usage, find(turn, ".status").text
     assert 0 < int(usage[2]) < int(usage[1])
     screenshot(browser, "playground.png")
+    assert script_errors(browser) == []
+
+
+def red_circle_scene(first_seed: int = 6000):
+    """The first evaluation scene (from `first_seed`) with a red circle in it: (scene, the circle)."""
+    for seed in range(first_seed, first_seed + 200):
+        scene = evaluation_scene(seed)
+        circles = [s for s in scene.shapes if s.name == "red circle"]
+        if circles:
+            return scene, circles[0]
+    raise AssertionError("no red circle in 200 evaluation scenes")
+
+
+def test_the_demo_draws_its_box_on_the_red_circle(browser, demo_server, tmp_path):
+    """The shipped demo, asked in the page where the red circle is, answers with a box, and the
+    box drawn on the picture covers the circle (IoU >= 0.5 with where the scene drew it)."""
+    scene, circle = red_circle_scene()
+    picture = tmp_path / "scene.png"
+    scene.image.save(picture)
+    browser.get(f"{demo_server}/")
+    wait_for(browser, lambda d: "needed" in find(d, "#key-form").get_attribute("class"))
+    set_field(browser, "#api-key", API_KEY)
+    find(browser, "#save-key").click()
+    wait_for(browser, lambda d: find(d, "#model").text == "qwen-vl-demo")
+    find(browser, "#images").send_keys(str(picture))
+    wait_for(browser, lambda d: len(find_all(d, "#attachments img")) == 1)
+    turn = ask(browser, "Where is the red circle?")
+    assert turn.get_attribute("data-state") == "done", find(turn, ".status").text
+    answer = find(turn, ".text").text
+    assert_boxes_drawn_at(browser, turn, answer, 0, scene.image.size)
+    # Where the page drew it, in the picture's pixels.
+    figure = find(turn, ".grounded")
+    shown, [drawn] = rect(browser, find(figure, "img")), [rect(browser, n) for n in find_all(figure, ".box")]
+    sx, sy = scene.width / shown["w"], scene.height / shown["h"]
+    x1, y1 = (drawn["x"] - shown["x"]) * sx, (drawn["y"] - shown["y"]) * sy
+    box = (x1, y1, x1 + drawn["w"] * sx, y1 + drawn["h"] * sy)
+    assert iou(box, circle.box) >= 0.5, (answer, box, circle.box)
+    screenshot(browser, "playground-demo.png")
     assert script_errors(browser) == []
 
 

@@ -12,7 +12,7 @@ concurrency, then driven at `factor` times that concurrency; nothing may be
 lost: every request either completes or gets its 503 (with Retry-After), and
 RSS stays flat.
 
-Both start their own server on a free loopback port (the demo `tiny`
+Both start their own server on a free loopback port (the random `tiny`
 checkpoint by default, `--preset small` for the benchmark one) and stop it by
 PID at the end.
 """

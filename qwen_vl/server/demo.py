@@ -3,9 +3,10 @@ and our plugin, on the built-in demo checkpoint unless --model says otherwise.
 
     python -m qwen_vl.server.demo [--model DIR_OR_HUB_ID] [--image FILE] [--question TEXT]
 
-The demo checkpoint has random weights: its answer is fluent nonsense in real
-Qwen tokens. The point is the path (image -> encoder -> decoder -> text) and
-the timings it prints.
+The built-in demo model knows drawn scenes (circles, squares and triangles in
+eight colours, and short words): the default picture, a red circle and a blue
+square on white, is one of them. Give --model to run a real checkpoint the same way; the
+timings it prints are the path's (image -> encoder -> decoder -> text).
 """
 
 import argparse
@@ -27,8 +28,11 @@ def chat_prompt(question: str) -> str:
 
 
 def sample_image() -> Image.Image:
-    image = Image.new("RGB", (640, 480), (30, 60, 160))
-    ImageDraw.Draw(image).ellipse((200, 120, 440, 360), fill=(220, 40, 40))
+    """A red circle and a blue square on white: a scene of the kind the demo model was trained on."""
+    image = Image.new("RGB", (640, 480), "white")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((80, 160, 240, 320), fill="red")
+    draw.rectangle((400, 170, 540, 310), fill="blue")
     return image
 
 
@@ -36,7 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=os.environ.get("QWEN_VL_MODEL"),
                         help="checkpoint directory or hub id (env QWEN_VL_MODEL; default: built-in demo checkpoint)")
-    parser.add_argument("--image", help="image file (default: a drawn red circle on blue)")
+    parser.add_argument("--image", help="image file (default: a drawn red circle and blue square on white)")
     parser.add_argument("--question", default="What is in this picture?")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="auto", help="model dtype (auto, float32, bfloat16)")
@@ -50,7 +54,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     from qwen_vl.model_executor.checkpoint_facts import CheckpointFacts
-    from qwen_vl.testing.checkpoint import demo_checkpoint
+    from qwen_vl.testing.demo_checkpoint import demo_checkpoint
 
     model = args.model or str(demo_checkpoint())
     image = Image.open(args.image) if args.image else sample_image()

@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ServerArgumentParser(
         prog="qwen-vl-serve",
         description="OpenAI-compatible server for Qwen-VL / Qwen-VL-Chat on vLLM. With no --model it serves "
-        "the built-in demo checkpoint (random tiny weights). vLLM's engine arguments pass through. Every flag "
+        "the built-in demo model (qwen-vl-demo: a small Qwen-VL-Chat trained on drawn shapes and words). vLLM's engine arguments pass through. Every flag "
         f"also reads the environment variable {ENV_PREFIX}<FLAG> (capitals, dashes as underscores); a flag "
         "beats its variable. --help=GROUP or --help=WORD narrows this list.",
     )
@@ -108,7 +108,7 @@ def parse(argv: list[str] | None = None) -> Settings:
         parser.error("--images-per-step needs chunked prefill (a prompt's images may not fit one step): "
                      "drop --no-enable-chunked-prefill or --images-per-step")
     if args.model is None:
-        from qwen_vl.testing.checkpoint import demo_checkpoint
+        from qwen_vl.testing.demo_checkpoint import demo_checkpoint
 
         args.model = str(demo_checkpoint())
         args.served_model_name = args.served_model_name or [DEMO_MODEL_NAME]

@@ -24,14 +24,12 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from qwen_vl.cache import cache_dir
 from qwen_vl.model_executor.config import QWenConfig
 from qwen_vl.model_executor.tokenizer import TIKTOKEN_FILE, VOCAB_SIZE, qwen_tiktoken_path
 from qwen_vl.testing import quantize
@@ -406,28 +404,6 @@ class ShardWriter:
         for prefix, ext in self.formats:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_maps[ext].items()))}
             _write_json(self.out / f"{prefix}.{ext}.index.json", index)
-
-
-def demo_checkpoint() -> Path:
-    """The built-in demo checkpoint (tiny preset, seed 0), written into the user cache on first use.
-
-    Written into a temporary directory and renamed into place, so a process never sees half a
-    checkpoint; when several write at once, the first rename wins and the others discard theirs.
-    """
-    target = cache_dir() / "demo-tiny"
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-tiny-", dir=target.parent))
-    try:
-        write_checkpoint(tmp, preset="tiny", seed=0)
-        tmp.rename(target)
-    except OSError:
-        if not target.is_dir():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def main(argv: list[str] | None = None) -> None:
