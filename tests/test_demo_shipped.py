@@ -24,7 +24,7 @@ from tests.helpers import API_KEY, AUTH, data_url
 README = (Path(__file__).parents[1] / "README.md").read_text()
 
 # What the test asserts (share of right answers on SCENES, greedy and at the checkpoint's default
-# sampling), against the targets (TARGETS; BENCHMARKS.md and docs/demo.md report 100 scenes).
+# sampling), against the targets (TARGETS; docs/demo.md reports them on 100 scenes).
 # Where the shipped weights reach a target, a little below it; where they do not yet, a little
 # below what they answer here (2026-12-07, run 17: name 33/40, where 35/40, the word 0/13), so a
 # broken image path, resize or prompt still fails. 40 scenes give about 40 questions of a kind:
