@@ -36,11 +36,8 @@ VOCAB_TENSORS = ("transformer.wte.weight", "lm_head.weight")
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def checkpoint_sha256(directory: Path) -> str:
