@@ -97,6 +97,12 @@ def test_training_writes_a_checkpoint_in_the_original_layout(tmp_path):
     assert 50 < int(used.sum()) < 1000 and state["lm_head.weight"].shape[0] == 151936
 
 
+def vit_names(state: dict) -> list[str]:
+    """The ViT's tensors: the visual encoder's, less the adapter's (attn_pool, ln_post, proj)."""
+    adapter = ("transformer.visual.attn_pool.", "transformer.visual.ln_post.", "transformer.visual.proj")
+    return [name for name in state if name.startswith("transformer.visual.") and not name.startswith(adapter)]
+
+
 @pytest.mark.parametrize("freeze", ["visual", "vit"])
 def test_training_continues_from_a_file_and_can_freeze_the_visual_encoder(tmp_path, freeze):
     """--start loads every tensor of an earlier run's file; what --freeze-visual (the ViT and the
@@ -107,8 +113,7 @@ def test_training_continues_from_a_file_and_can_freeze_the_visual_encoder(tmp_pa
     train(second, steps=2, batch=2, seed=1, vocab_conversations=200, start=first, freeze=freeze)
     before, after = load_file(first), load_file(second)
     assert before.keys() == after.keys()
-    adapter = ("transformer.visual.attn_pool.", "transformer.visual.ln_post.", "transformer.visual.proj")
-    vit = [name for name in before if name.startswith("transformer.visual.") and not name.startswith(adapter)]
+    vit = vit_names(before)
     assert len(vit) > 50 and all(torch.equal(before[name], after[name]) for name in vit)
     adapter_same = torch.equal(before["transformer.visual.attn_pool.kv_proj.weight"], after["transformer.visual.attn_pool.kv_proj.weight"])
     assert adapter_same == (freeze == "visual")
@@ -127,8 +132,7 @@ def test_one_run_can_freeze_its_vit_after_some_steps_and_is_repeatable(tmp_path)
     train(again, steps=3, batch=2, seed=0, vocab_conversations=200, vit_steps=1)
     assert three.read_bytes() == again.read_bytes()
     after_one, after_three = load_file(one), load_file(three)
-    adapter = ("transformer.visual.attn_pool.", "transformer.visual.ln_post.", "transformer.visual.proj")
-    vit = [name for name in after_one if name.startswith("transformer.visual.") and not name.startswith(adapter)]
+    vit = vit_names(after_one)
     assert len(vit) > 50 and all(torch.equal(after_one[name], after_three[name]) for name in vit)
     for learning in ("transformer.visual.attn_pool.kv_proj.weight", "transformer.h.0.attn.c_attn.weight"):
         assert not torch.equal(after_one[learning], after_three[learning]), learning
