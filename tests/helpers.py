@@ -6,9 +6,11 @@ the cases that the reference and the plugin must answer alike."""
 import base64
 import contextlib
 import io
+import json
 import os
 import random
 import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from pathlib import Path
 
 import httpx
@@ -62,6 +64,25 @@ def chat_answers(servers: dict, body: dict, timeout: float = 120) -> dict:
         assert response.status_code == 200, (name, response.text)
         answers[name] = response.json()
     return answers
+
+
+def sse_chunks(lines: Iterable[str]) -> Iterator[dict]:
+    """The JSON objects of a server-sent event stream's `data:` lines (a streamed response's
+    `iter_lines()`), in order, up to `data: [DONE]`."""
+    for line in lines:
+        if line == "data: [DONE]":
+            return
+        if line.startswith("data: "):
+            yield json.loads(line[len("data: "):])
+
+
+async def async_sse_chunks(lines: AsyncIterable[str]) -> AsyncIterator[dict]:
+    """`sse_chunks` of an `aiter_lines()`."""
+    async for line in lines:
+        if line == "data: [DONE]":
+            return
+        if line.startswith("data: "):
+            yield json.loads(line[len("data: "):])
 
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",

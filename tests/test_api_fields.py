@@ -12,7 +12,7 @@ import pytest
 
 from qwen_vl.api.grounding import parse_grounding
 from qwen_vl.model_executor.tokenizer import ENDOFTEXT_ID, IM_END_ID, IMG_PAD_ID
-from tests.helpers import AUTH, SERVED_MODEL, assert_error, chat_body, data_url, http, image_part, pattern_image, post
+from tests.helpers import AUTH, SERVED_MODEL, assert_error, chat_body, data_url, http, image_part, pattern_image, post, sse_chunks
 
 # Qwen-VL's grounding markup, as the playground's "ground" toggle asks for it.
 BOX_REGEX = r"<ref>[a-z ]{1,16}</ref><box>\(\d{1,3},\d{1,3}\),\(\d{1,3},\d{1,3}\)</box>"
@@ -181,14 +181,12 @@ def test_return_token_ids_in_a_stream_give_the_prompt_first_then_each_delta(serv
     body = chat_body(max_tokens=5, ignore_eos=True, stream=True, return_token_ids=True)
     prompt, tokens = None, []
     with http.stream("POST", f"{server}/v1/chat/completions", json=body, headers=AUTH, timeout=120) as response:
-        for line in response.iter_lines():
-            if line.startswith("data: {"):
-                chunk = json.loads(line[6:])
-                if "prompt_token_ids" in chunk:
-                    assert prompt is None
-                    prompt = chunk["prompt_token_ids"]
-                for choice in chunk["choices"]:
-                    tokens += choice.get("token_ids", [])
+        for chunk in sse_chunks(response.iter_lines()):
+            if "prompt_token_ids" in chunk:
+                assert prompt is None
+                prompt = chunk["prompt_token_ids"]
+            for choice in chunk["choices"]:
+                tokens += choice.get("token_ids", [])
     assert prompt == ok(server, "/tokenize", {"messages": body["messages"]})["tokens"]
     assert len(tokens) == 5
 
@@ -251,8 +249,7 @@ def test_streamed_echo_starts_with_the_prompt(server):
     body = {"model": SERVED_MODEL, "prompt": "Hello there", "max_tokens": 2, "ignore_eos": True, "echo": True,
             "stream": True}
     with http.stream("POST", f"{server}/v1/completions", json=body, headers=AUTH, timeout=120) as response:
-        texts = [json.loads(line[6:])["choices"][0]["text"] for line in response.iter_lines()
-                 if line.startswith("data: {") and json.loads(line[6:])["choices"]]
+        texts = [chunk["choices"][0]["text"] for chunk in sse_chunks(response.iter_lines()) if chunk["choices"]]
     assert texts[0].startswith("Hello there")
 
 

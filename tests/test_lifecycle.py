@@ -2,7 +2,6 @@
 own server, since each ends it."""
 
 import asyncio
-import json
 import os
 import signal
 import time
@@ -11,7 +10,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers import AUTH, SERVED_MODEL, post, start_server
+from tests.helpers import AUTH, SERVED_MODEL, post, sse_chunks, start_server
 
 
 def long_request(max_tokens: int = 200, stream: bool = False) -> dict:
@@ -49,21 +48,17 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits_0(tiny_checkpoint, tm
     tokens = []
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=long_request(120, stream=True), headers=AUTH,
                       timeout=120) as response:
-        lines = response.iter_lines()
-        for line in lines:
-            if line.startswith("data: {"):
-                break
+        chunks = sse_chunks(response.iter_lines())
+        next(chunks)
         process.send_signal(signal.SIGTERM)
         time.sleep(1.0)
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{url}/health", timeout=5)  # no longer accepting
         finish = None
-        for line in lines:
-            if line.startswith("data: {"):
-                chunk = json.loads(line[6:])
-                for choice in chunk["choices"]:
-                    tokens.append(choice["delta"].get("content", ""))
-                    finish = choice.get("finish_reason") or finish
+        for chunk in chunks:
+            for choice in chunk["choices"]:
+                tokens.append(choice["delta"].get("content", ""))
+                finish = choice.get("finish_reason") or finish
     assert finish == "length"
     assert process.wait(timeout=60) == 0
 

@@ -12,7 +12,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.helpers import API_KEY, AUTH, SERVED_MODEL, assert_error, chat_body, data_url, http, image_part, pattern_image, post, with_image
+from tests.helpers import API_KEY, AUTH, SERVED_MODEL, assert_error, async_sse_chunks, chat_body, data_url, http, image_part, pattern_image, post, with_image
 
 MIB = 1024 * 1024
 
@@ -275,10 +275,7 @@ async def serve_good_amid_bad(server: str, good: dict, bad: list, after: int = 1
             ids, text, since_refused = [], "", 0
             async with http.stream("POST", "/v1/completions", json={**good, "return_token_ids": True}) as response:
                 assert response.status_code == 200
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[len("data: "):])
+                async for chunk in async_sse_chunks(response.aiter_lines()):
                     assert "error" not in chunk, chunk
                     for choice in chunk["choices"]:
                         new = choice.get("token_ids") or []

@@ -2,7 +2,6 @@
 in Prometheus text format, moved by the traffic they describe. Other tests
 share the server, so each test measures before and after its own requests."""
 
-import json
 import threading
 import time
 from dataclasses import dataclass
@@ -10,7 +9,7 @@ from dataclasses import dataclass
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import AUTH, SERVED_MODEL, data_url, http, image_part, pattern_image, post, wait_until_the_engine_is_idle
+from tests.helpers import AUTH, SERVED_MODEL, data_url, http, image_part, pattern_image, post, sse_chunks, wait_until_the_engine_is_idle
 
 FAMILIES = {
     "qwen_vl_requests": "counter",
@@ -61,11 +60,10 @@ def stream_completion(server: str, on_first_chunk=None, **fields) -> list[dict]:
     chunks = []
     with http.stream("POST", f"{server}/v1/completions", json=body, headers=AUTH, timeout=120) as response:
         assert response.status_code == 200
-        for line in response.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                chunks.append(json.loads(line[len("data: "):]))
-                if len(chunks) == 1 and on_first_chunk is not None:
-                    on_first_chunk()
+        for chunk in sse_chunks(response.iter_lines()):
+            chunks.append(chunk)
+            if len(chunks) == 1 and on_first_chunk is not None:
+                on_first_chunk()
     return chunks
 
 
@@ -202,11 +200,9 @@ def scrapes_during_generation(server: str) -> Watch:
             "max_tokens": 8000,
         }) as response:
             assert response.status_code == 200
-            for line in response.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
+            for chunk in sse_chunks(response.iter_lines()):
                 watch.chunks += 1
-                choices = json.loads(line[len("data: "):]).get("choices") or [{}]
+                choices = chunk.get("choices") or [{}]
                 watch.finish_reason = choices[0].get("finish_reason") or watch.finish_reason
                 if watcher.ident is None:
                     watcher.start()
