@@ -87,6 +87,23 @@ def test_matmul_peak_is_torch_mms_flops_per_second_as_timed_here():
     assert 2 / 3 < measured / (per_second(lambda: torch.mm(a, a)) * 2 * 256**3) < 3 / 2
 
 
+def test_matmul_peak_stops_at_a_size_whose_one_product_outlasts_its_time(monkeypatch):
+    """A CPU that emulates the dtype (torch's bfloat16 product without AVX-512 BF16) would spend
+    minutes on the larger sizes: the sweep stops at the first size whose one product takes
+    longer than `seconds`, timed by that product."""
+    real_mm = torch.mm
+
+    def slower_from_128(a, b):
+        if a.shape[0] >= 128:
+            time.sleep(0.2)
+        return real_mm(a, b)
+
+    monkeypatch.setattr(torch, "mm", slower_from_128)
+    peak = mfu.matmul_peak("float32", threads=1, sizes=(256, 64, 128), seconds=0.05)
+    assert list(peak["flops_by_size"]) == [64, 128]
+    assert peak["flops_by_size"][128] <= 2 * 128**3 / 0.2
+
+
 def test_decode_step_bytes_are_the_weights_one_token_goes_through(reference, tiny_checkpoint):
     """What a decoding step must read: the reference's projection and LM-head weights (not the
     embedding table, which a step reads one row of, nor the biases and norms, which are tiny),
