@@ -3,11 +3,15 @@ nucleus rule (qwen_vl/testing/reference.py); vLLM's CPU sampler uses it once the
 
 import pytest
 import torch
-import vllm._C  # noqa: F401  (the CPU sampler's fused_gumbel_argmax)
+from vllm.platforms import current_platform
 from vllm.v1.sample.ops import topk_topp_sampler as sampler
 
 from qwen_vl.model_executor.sampling import OPT_OUT, apply_top_k_top_p, install_cpu_top_p, top_p_mask
 from qwen_vl.testing.reference import nucleus
+
+# vLLM's CPU kernels (the sampler's fused_gumbel_argmax), the build for this CPU: vllm._C needs
+# AVX-512 BF16, and importing it elsewhere stops the process (an illegal instruction on a Zen 3).
+current_platform.import_kernels()
 
 VOCAB = 151936  # Qwen-VL's
 # With bf16 ties, rows whose nucleus edge lies this close to the bound are decided by float32
