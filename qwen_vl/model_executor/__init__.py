@@ -40,6 +40,7 @@ vLLM's internals (no public extension point does it):
   ::test_vllm_serve_and_our_server_give_the_same_greedy_answer (its RGBA image),
   test_checkpoint_facts.py, test_quantized.py::test_float16_is_refused_where_the_cpu_cannot_compute_in_it,
   ::test_a_gptq_layout_that_cannot_run_is_refused_before_any_worker_starts,
+  ::test_a_cpu_whose_vllm_kernels_lack_the_4_bit_product_refuses_4_bit_checkpoints,
   test_tensor_parallel.py::test_vit_mlp_width_that_does_not_divide_is_refused_naming_it,
   test_pipeline_parallel.py::test_eager_pipeline_parallelism_is_refused_offline_before_any_worker_starts.
 - The renderer's `_process_singleton(_async)` (renderer.py): the one place every prompt passes

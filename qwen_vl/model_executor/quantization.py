@@ -79,7 +79,8 @@ def layer_shapes(hf_config, tensor_parallel_size: int) -> dict[str, tuple[int, i
 def check_quantization(vllm_config) -> None:
     """Refuse, before any worker starts, a quantized checkpoint the workers could not run: the
     kernels vLLM would pick for each layer are asked now, with the same rules, and a layer none
-    of them takes is named with vLLM's reasons."""
+    of them takes is named with vLLM's reasons; then a kernel whose product vLLM's build for this
+    CPU lacks (`has_cpu_gemm_wna16`) is refused, naming the CPU's missing instructions."""
     from vllm.config import VllmConfig
 
     # vLLM builds its quantization config after the per-architecture hook that calls this; the
@@ -110,6 +111,7 @@ def check_quantization(vllm_config) -> None:
     act_type = vllm_config.model_config.dtype
     tp = vllm_config.parallel_config.tensor_parallel_size
     shapes = layer_shapes(vllm_config.model_config.hf_config, tp)
+    kernels = set()
     with set_current_vllm_config(vllm_config):
         for layer, (full_in, full_out, part_in, part_out) in shapes.items():
             per_rank_group = group_size if group_size != -1 else part_in
@@ -124,12 +126,42 @@ def check_quantization(vllm_config) -> None:
                 zero_points=kind == "awq",
             )
             try:
-                choose_mp_linear_kernel(layer_config)
+                kernels.add(choose_mp_linear_kernel(layer_config))
             except ValueError as error:
                 raise ValueError(
                     f"{kind.upper()} layer {layer} ({part_in} inputs x {part_out} outputs per rank, group_size "
                     f"{group_size}, {act_type}) has no 4-bit kernel on {current_platform.device_name}: {error}"
                 ) from None
+    if any(needs_cpu_gemm_wna16(kernel) for kernel in kernels) and not has_cpu_gemm_wna16():
+        raise ValueError(
+            f"{kind.upper()} checkpoint cannot run on this CPU: vLLM's kernels built for it lack the 4-bit "
+            f"product its layers call (torch.ops._C.{CPU_4_BIT_OP}; vLLM's x86 wheel has it in its AVX-512 "
+            f"builds only): serve the 16-bit checkpoint (Qwen/Qwen-VL-Chat) here, or this one on a CPU with "
+            f"AVX-512 or a GPU"
+        )
+
+
+CPU_4_BIT_OP = "cpu_gemm_wna16"
+
+
+def needs_cpu_gemm_wna16(kernel: type) -> bool:
+    """Whether vLLM's 4-bit `kernel` may call `torch.ops._C.cpu_gemm_wna16`: its generic CPU kernel
+    does, and zentorch's falls back to it for a layout its own path does not take (AWQ's)."""
+    from vllm.model_executor.kernels.linear.mixed_precision.cpu import CPUWNA16LinearKernel
+
+    return issubclass(kernel, CPUWNA16LinearKernel)
+
+
+def has_cpu_gemm_wna16() -> bool:
+    """Whether vLLM's kernels built for this CPU register its 4-bit product. vLLM 0.32's CPU wheel
+    holds three builds and loads one by the CPU's instructions (`CpuPlatform.import_kernels`):
+    `_C` (AVX-512 BF16) and `_C_AVX512` register `cpu_gemm_wna16`, `_C_AVX2` does not (its symbol
+    table, checked 2026-12-07), so on an x86 CPU without AVX-512 every 4-bit layer died in the
+    worker at its first product ("'_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16'")."""
+    from vllm.platforms import current_platform
+
+    current_platform.import_kernels()
+    return hasattr(torch.ops._C, CPU_4_BIT_OP)
 
 
 W4A8_ENV = "VLLM_CPU_INT4_W4A8"
