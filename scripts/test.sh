@@ -9,5 +9,5 @@ bash scripts/setup.sh cpu,dev
 if [ "$#" -gt 0 ]; then
     exec .venv/bin/python -m pytest -ra "$@"
 fi
-.venv/bin/python -m pytest -ra -m "not real_widths"
+.venv/bin/python -m pytest -ra --durations=15 -m "not real_widths"
 QWEN_VL_REAL_WIDTHS_TESTS=1 exec .venv/bin/python -m pytest -ra -m real_widths tests/test_tensor_parallel.py tests/test_quantized.py
