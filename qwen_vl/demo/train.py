@@ -16,14 +16,16 @@ per token: the tokenizer splits random capitals into arbitrary pieces, and lette
 same text.
 
 Same seed, same steps, same torch: the same weights (torch's CPU kernels are deterministic in
-this setup; a different CPU may round matmuls differently). The result is one file
-(qwen_vl.demo.weights): every tensor in bfloat16, the vocabulary rows it uses and their ids;
-`python -m qwen_vl.demo.weights FILE DIR` expands it into a checkpoint to serve.
+this setup; a different CPU may round matmuls differently). It computes in bfloat16 (autocast)
+where the CPU multiplies in it, in float32 on x86 CPUs without AVX-512 (`bfloat16_products`).
+The result is one file (qwen_vl.demo.weights): every tensor in bfloat16, the vocabulary rows it
+uses and their ids; `python -m qwen_vl.demo.weights FILE DIR` expands it into a checkpoint to serve.
 """
 
 import argparse
 import json
 import math
+import platform
 import random
 import time
 from collections.abc import Iterator
@@ -339,6 +341,14 @@ def initialise(model: TrainableQwenVL, generator: torch.Generator) -> None:
     model.transformer.wte.weight.data.normal_(0, 0.5, generator=generator)
 
 
+def bfloat16_products() -> bool:
+    """Whether torch multiplies bfloat16 at speed on this CPU, so that training computes in it.
+    On an x86 CPU without AVX-512 torch emulates bfloat16 products: on a 2-core AMD Zen 3
+    (2026-12-07) torch.mm ran at 0.3-0.9 GFLOP/s in bfloat16 against 138-156 in float32, and
+    `tests/test_demo.py`'s trainings (7 steps in all) took 93 s in bfloat16 and 17 s in float32."""
+    return platform.machine() != "x86_64" or torch.cpu._is_avx512_supported()
+
+
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -407,14 +417,16 @@ def train(out: Path, steps: int, batch: int, seed: int, peak_lr: float = 1e-3, w
     batcher = Batcher(Conversations(f"train-{seed}"), vocab, config["vocab_size"], config["visual"]["image_size"])
     log = out.with_suffix(".log.jsonl")
     started = time.perf_counter()
-    with tqdm(range(steps), desc="training", unit="step") as bar, log.open("w") as log_file:
+    in_bfloat16 = bfloat16_products()
+    with tqdm(range(steps), desc=f"training in {'bfloat16' if in_bfloat16 else 'float32'}", unit="step") as bar, \
+            log.open("w") as log_file:
         for step in bar:
             if step == vit_steps:
                 freeze_vit(visual)  # AdamW leaves alone the parameters that no longer get gradients
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, steps, peak_lr, warmup)
             b = batcher.batch(batch)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=in_bfloat16):
                 with torch.set_grad_enabled(freeze != "visual"):
                     image_tokens = visual(b.pixels)
                 hidden, attention = model.hidden_states_and_attention(b.ids, b.image_positions, image_tokens, b.segments,
