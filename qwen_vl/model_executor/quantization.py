@@ -80,7 +80,7 @@ def check_quantization(vllm_config) -> None:
     """Refuse, before any worker starts, a quantized checkpoint the workers could not run: the
     kernels vLLM would pick for each layer are asked now, with the same rules, and a layer none
     of them takes is named with vLLM's reasons; then a kernel whose product vLLM's build for this
-    CPU lacks (`has_cpu_gemm_wna16`) is refused, naming the CPU's missing instructions."""
+    CPU lacks (`has_cpu_gemm_wna16`) is refused, naming that product."""
     from vllm.config import VllmConfig
 
     # vLLM builds its quantization config after the per-architecture hook that calls this; the
