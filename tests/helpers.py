@@ -9,6 +9,8 @@ import io
 import json
 import os
 import random
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from pathlib import Path
@@ -165,6 +167,17 @@ def turned_photo(orientation: int, fmt: str = "JPEG", mode: str = "RGB") -> byte
 
 
 # ---- servers -------------------------------------------------------------------------------
+
+
+def child_result(script: str, *args: str, timeout: float = 300) -> dict:
+    """Runs `script` in a new Python process from the repository's root and returns the JSON it
+    printed after "RESULT " (for code that needs a one-rank vLLM distributed state, which must
+    not leak into the engines other tests start)."""
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def start_server(checkpoint, log: Path, *extra: str, eager: bool = True) -> Server:

@@ -5,16 +5,12 @@ elsewhere), both match the reference in float32.
 Run in a child process: the tower's parallel layers need a one-rank vLLM
 distributed state, which must not leak into the engines other tests start."""
 
-import json
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import child_result
 
 CHILD = textwrap.dedent("""
     import json, sys
@@ -47,11 +43,7 @@ CHILD = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def both_forms(tiny_checkpoint):
-    done = subprocess.run([sys.executable, "-c", CHILD, str(tiny_checkpoint)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, done.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return child_result(CHILD, str(tiny_checkpoint))
 
 
 def test_cpu_uses_the_originals_scores_form(both_forms):

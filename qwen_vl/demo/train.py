@@ -17,7 +17,8 @@ same text.
 
 Same seed, same steps, same torch: the same weights (torch's CPU kernels are deterministic in
 this setup; a different CPU may round matmuls differently). It computes in bfloat16 (autocast)
-where the CPU multiplies in it, in float32 on x86 CPUs without AVX-512 (`bfloat16_products`).
+where the CPU multiplies in it, in float32 on x86 CPUs without AVX-512 (`native_bfloat16_products`;
+on a 2-core Zen 3 `tests/test_demo.py`'s trainings took 93 s in bfloat16 and 17 s in float32).
 The result is one file (qwen_vl.demo.weights): every tensor in bfloat16, the vocabulary rows it
 uses and their ids; `python -m qwen_vl.demo.weights FILE DIR` expands it into a checkpoint to serve.
 """
@@ -25,7 +26,6 @@ uses and their ids; `python -m qwen_vl.demo.weights FILE DIR` expands it into a 
 import argparse
 import json
 import math
-import platform
 import random
 import time
 from collections.abc import Iterator
@@ -44,6 +44,7 @@ from qwen_vl.demo.network import TrainableQwenVL
 from qwen_vl.demo.scenes import COLOURS, LETTERS, SHAPES, Scene, Shape, training_scene
 from qwen_vl.demo.tasks import Question, left_to_right, paraphrase, questions, which_question, zh_name
 from qwen_vl.model_executor.chat_prompt import ChatMessage, ChatPromptBuilder
+from qwen_vl.model_executor.cpu_products import native_bfloat16_products
 from qwen_vl.model_executor.processor import preprocess_image
 from qwen_vl.model_executor.tokenizer import IM_END_ID, IMG_PAD_ID, cached_backend_file, qwen_tiktoken_path
 from qwen_vl.testing.checkpoint import config_dict, sincos_table
@@ -341,14 +342,6 @@ def initialise(model: TrainableQwenVL, generator: torch.Generator) -> None:
     model.transformer.wte.weight.data.normal_(0, 0.5, generator=generator)
 
 
-def bfloat16_products() -> bool:
-    """Whether torch multiplies bfloat16 at speed on this CPU, so that training computes in it.
-    On an x86 CPU without AVX-512 torch emulates bfloat16 products: on a 2-core AMD Zen 3
-    (2026-12-07) torch.mm ran at 0.3-0.9 GFLOP/s in bfloat16 against 138-156 in float32, and
-    `tests/test_demo.py`'s trainings (7 steps in all) took 93 s in bfloat16 and 17 s in float32."""
-    return platform.machine() != "x86_64" or torch.cpu._is_avx512_supported()
-
-
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -417,7 +410,7 @@ def train(out: Path, steps: int, batch: int, seed: int, peak_lr: float = 1e-3, w
     batcher = Batcher(Conversations(f"train-{seed}"), vocab, config["vocab_size"], config["visual"]["image_size"])
     log = out.with_suffix(".log.jsonl")
     started = time.perf_counter()
-    in_bfloat16 = bfloat16_products()
+    in_bfloat16 = native_bfloat16_products()
     with tqdm(range(steps), desc=f"training in {'bfloat16' if in_bfloat16 else 'float32'}", unit="step") as bar, \
             log.open("w") as log_file:
         for step in bar:

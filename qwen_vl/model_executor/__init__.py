@@ -81,6 +81,11 @@ vLLM's internals (no public extension point does it):
   (`keep_16_bit_activations`), so that layers multiply 16-bit activations as the original does.
   Test: test_quantized.py::test_on_zen_cpus_gptq_layers_take_zentorchs_fast_path_with_16_bit_activations
   and the GPTQ parity tests there.
+- bfloat16 products on CPUs without them (cpu_products.py): the model's post-load hook (public)
+  replaces the `cpu_linear` that vLLM's `dispatch_cpu_unquantized_gemm` set on a layer it left to
+  torch's F.linear, and vLLM's unquantized method calls it; vLLM offers no other way to choose a
+  CPU layer's product. Tests: test_cpu_products.py::test_vllm_linear_layers_call_the_product_we_give_them,
+  ::test_on_this_cpu_vllm_leaves_bfloat16_layers_to_torchs_linear_and_we_widen_them.
 - Beside vLLM, not in it: qwen_vl/_torch_extras.py makes torchvision, torchaudio and torchcodec
   builds that cannot load look absent to transformers, which vLLM imports. Test:
   test_torch_extras.py::test_importing_qwen_vl_first_hides_them.

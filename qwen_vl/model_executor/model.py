@@ -49,6 +49,7 @@ from vllm.multimodal.inputs import MultiModalFeatureSpec
 from vllm.sequence import IntermediateTensors
 
 from .config import QWenConfig
+from .cpu_products import use_float32_products
 from .processor import QwenVLDummyInputsBuilder, QwenVLMultiModalProcessor, QwenVLProcessingInfo
 from .quantization import check_zero_points, checked_extra, gptq_in_zentorch_layout
 from .rotary import NTKRotaryEmbedding, alpha_codes_needed, encoded_positions, logn_scale_table
@@ -314,6 +315,11 @@ class QWenLMHeadModel(nn.Module, SupportsMultiModal, SupportsMRoPE, SupportsPP):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)
+
+    def process_weights_after_loading(self) -> None:
+        """vLLM's hook after every layer picked its kernel: on a CPU without bfloat16 products,
+        bfloat16 layers multiply in float32 (cpu_products.py)."""
+        use_float32_products(self)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load every tensor of the real checkpoint by its own name; an unknown

@@ -17,6 +17,8 @@ from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
 from vllm.platforms import current_platform
 
+from .cpu_products import conv2d, linear, matmul
+
 # Every LayerNorm of the original visual tower uses this epsilon.
 LAYER_NORM_EPS = 1e-6
 NUM_QUERIES = 256
@@ -63,8 +65,8 @@ class ResizedPositions:
 
 def scores_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v with the scores materialised, in the inputs' dtype."""
-    scores = (q / math.sqrt(q.shape[-1])) @ k.transpose(-1, -2)
-    return scores.softmax(dim=-1) @ v
+    scores = matmul(q / math.sqrt(q.shape[-1]), k.transpose(-1, -2))
+    return matmul(scores.softmax(dim=-1), v)
 
 
 class VisualAttention(nn.Module):
@@ -154,11 +156,12 @@ class Adapter(nn.Module):
 
     The original calls nn.MultiheadAttention with `need_weights` at its
     default (True), which makes torch compute the scores explicitly (q scaled,
-    bmm, softmax, bmm). On a CPU we do the same: it is the original's
-    arithmetic, and faster there than the fused kernel torch picks without
-    weights (about 50 against 73 ms for a batch of 8 images of the `small`
-    preset in bfloat16, 2 cores). Other platforms keep the fused kernel
-    (`fused`). The weights themselves are discarded, unaveraged."""
+    bmm, softmax, bmm). On a CPU we compute that same arithmetic ourselves
+    (`scores_attention`, with the module's parameters), so that its products
+    can be widened where the CPU lacks bfloat16 products (cpu_products.py); it
+    is also faster there than the fused kernel torch picks without weights
+    (about 50 against 73 ms for a batch of 8 images of the `small` preset in
+    bfloat16, 2 cores). Other platforms keep the fused kernel (`fused`)."""
 
     def __init__(self, output_dim: int, kv_dim: int):
         super().__init__()
@@ -177,15 +180,33 @@ class Adapter(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         batch, num_patches, _ = features.shape
         key_positions = self.key_positions(self.pos_embed, num_patches)
-        x = self.ln_kv(self.kv_proj(features))
+        x = self.ln_kv(linear(features, self.kv_proj.weight))
         # Sequence-first and contiguous: torch's CPU matmul fails to allocate for a transposed
         # 3D input at the real widths (it asked for 32 GiB; what batch_first=True does to its
         # inputs) and falls back to a batched product that took 90-120 s and 9 GB for 8 images.
         x = x.transpose(0, 1).contiguous()  # [patches, batch, dim]
         q = (self.ln_q(self.query) + self.pos_embed).unsqueeze(1).repeat(1, batch, 1)
-        out, _ = self.attn(q, x + key_positions.unsqueeze(1), x, need_weights=not self.fused, average_attn_weights=False)
+        k = x + key_positions.unsqueeze(1)
+        out = self.attn(q, k, x, need_weights=False)[0] if self.fused else self.scores_attention(q, k, x)
         return out.transpose(0, 1).contiguous()
-        return out
+
+    def scores_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """What `self.attn(q, k, v)` computes with `need_weights=True`, sequence-first [len, batch,
+        width] in and out: separate q, k and v projections (k is not v), q scaled by
+        1/sqrt(head_dim), bmm, softmax, bmm, the output projection."""
+        attn = self.attn
+        queries, batch, width = q.shape
+        heads = attn.num_heads
+
+        def per_head(t: torch.Tensor) -> torch.Tensor:  # [len, batch, width] -> [batch * heads, len, head_dim]
+            return t.view(t.shape[0], batch * heads, width // heads).transpose(0, 1)
+
+        w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+        q, k, v = per_head(linear(q, w_q, b_q)), per_head(linear(k, w_k, b_k)), per_head(linear(v, w_v, b_v))
+        scores = matmul(q * math.sqrt(1.0 / q.shape[-1]), k.transpose(-2, -1)).softmax(dim=-1)
+        out = matmul(scores, v).transpose(0, 1).contiguous().view(queries * batch, width)
+        return linear(out, attn.out_proj.weight, attn.out_proj.bias).view(queries, batch, width)
 
 
 class VisionTransformer(nn.Module):
@@ -216,11 +237,11 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Parameter(torch.empty(output_dim, output_dim))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(pixel_values.to(self.conv1.weight.dtype))
+        x = conv2d(pixel_values.to(self.conv1.weight.dtype), self.conv1.weight, self.conv1.stride)
         x = x.flatten(2).transpose(1, 2)
         x = x + self.patch_positions(self.positional_embedding, x.shape[1])
         x = self.ln_pre(x)
         x = self.transformer(x)
         x = self.attn_pool(x)
         x = self.ln_post(x)
-        return x @ self.proj
+        return matmul(x, self.proj)
