@@ -104,6 +104,15 @@ def test_matmul_peak_stops_at_a_size_whose_one_product_outlasts_its_time(monkeyp
     assert peak["flops_by_size"][128] <= 2 * 128**3 / 0.2
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["bf16 products", "no bf16 products"])
+def test_the_peak_is_measured_in_the_dtype_the_server_multiplies_in(monkeypatch, native):
+    from qwen_vl.model_executor import cpu_products
+
+    monkeypatch.setattr(cpu_products, "native_bfloat16_products", lambda: native)
+    assert mfu.product_dtype("bfloat16") == ("bfloat16" if native else "float32")
+    assert mfu.product_dtype("float32") == "float32"
+
+
 def test_decode_step_bytes_are_the_weights_one_token_goes_through(reference, tiny_checkpoint):
     """What a decoding step must read: the reference's projection and LM-head weights (not the
     embedding table, which a step reads one row of, nor the biases and norms, which are tiny),

@@ -174,7 +174,7 @@ class Limits:
 
     @classmethod
     def measure(cls, model: Path, dtype: str, earlier: "Limits | None" = None) -> "Limits":
-        peak = mfu.matmul_peak(dtype)["peak_flops"]
+        peak = mfu.matmul_peak(mfu.product_dtype(dtype))["peak_flops"]
         bandwidth = mfu.read_bandwidth()
         if earlier is not None:
             peak, bandwidth = max(peak, earlier.peak_flops), max(bandwidth, earlier.bandwidth)
@@ -185,7 +185,7 @@ def limits_line(limits: Limits, args) -> str:
     """The report's line on how MFU is counted and what the machine measured."""
     return (f"- MFU: model FLOPs of the completed requests (vision, prefill, decode, sampled logits; "
             f"{mfu.request_flops(limits.shapes, 290, args.max_tokens, 1) / 1e9:.0f} GFLOP for a 290-token one-image "
-            f"request) per second, over torch.mm in {args.dtype} on every core, the higher of its rates before and "
+            f"request) per second, over torch.mm in {mfu.product_dtype(args.dtype)} on every core, the higher of its rates before and "
             f"after the servers ran: {limits.peak_flops / 1e9:.0f} GFLOP/s; memory read bandwidth (the same way): "
             f"{limits.bandwidth / 1e9:.1f} GB/s")
 

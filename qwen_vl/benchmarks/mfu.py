@@ -16,7 +16,8 @@ and rotary are left out, as is usual for MFU):
 
 `tests/test_mfu.py` checks these counts against torch's own FLOP counter running the reference
 model. The peak is torch's bf16 (or float32) matrix multiply on square matrices, with as many
-threads as the server computes with, measured in the same run as the load.
+threads as the server computes with, measured in the same run as the load; float32's for a bf16
+model on an x86 CPU without AVX-512, where the server multiplies in float32 (`product_dtype`).
 
 One request at a time is bound by memory as much as by compute: each decoding step reads every
 projection weight, the LM head and the sequence's cache (`decode_step_bytes`), and the steps of one
@@ -193,6 +194,15 @@ def read_bandwidth(threads: int | None = None, mib: int = 1024, seconds: float =
     return best
 
 
+def product_dtype(dtype: str) -> str:
+    """The dtype the server multiplies a `dtype` model's matrices in: float32 for bfloat16 on an x86
+    CPU without AVX-512, where it widens every product of a prefill chunk or an image
+    (qwen_vl/model_executor/cpu_products.py), so that the peak to compare with is float32's."""
+    from qwen_vl.model_executor.cpu_products import native_bfloat16_products
+
+    return "float32" if dtype == "bfloat16" and not native_bfloat16_products() else dtype
+
+
 def matmul_peak(dtype: str = "bfloat16", threads: int | None = None, sizes=(1024, 2048, 4096),
                 seconds: float = 2.0) -> dict:
     """The best FLOP/s of torch.mm on square matrices of `sizes`, each run for about `seconds`,
@@ -240,9 +250,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{(decoder_linear_flops(s) + lm_head_flops(s)) / 1e9:.2f} GFLOP (+ attention); "
           f"one request ({args.prompt_tokens} prompt, {args.output_tokens} output, {args.images} image(s)): "
           f"{flops / 1e9:.1f} GFLOP")
-    peak = matmul_peak(args.dtype)
+    peak = matmul_peak(product_dtype(args.dtype))
     sizes = ", ".join(f"{n}: {f / 1e9:.0f}" for n, f in peak["flops_by_size"].items())
-    print(f"torch.mm {args.dtype}, {peak['threads']} thread(s), GFLOP/s by size: {sizes}")
+    widened = f" (a {args.dtype} model's products on this CPU)" if peak["dtype"] != args.dtype else ""
+    print(f"torch.mm {peak['dtype']}{widened}, {peak['threads']} thread(s), GFLOP/s by size: {sizes}")
     bandwidth = read_bandwidth()
     dtype_bytes = DTYPE_BYTES[args.dtype]
     ceiling = single_stream_ceiling(s, args.prompt_tokens, args.output_tokens, args.images, peak["peak_flops"],

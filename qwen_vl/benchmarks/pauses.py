@@ -30,7 +30,7 @@ import time
 from .harness import SERVED_MODEL, Server, checkpoint_for, machine, our_server_command
 from .load import benchmark
 from .long_context import interference
-from .mfu import matmul_peak, read_bandwidth
+from .mfu import matmul_peak, product_dtype, read_bandwidth
 from .report import add_run_arguments, parse_run_arguments, replace_section
 from .workloads import build_workload
 
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     model = args.model or checkpoint_for(args.preset)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     args.flags = dict(setup.partition("=")[::2] for setup in args.setups)
-    limits = (matmul_peak("bfloat16")["peak_flops"], read_bandwidth())
+    limits = (matmul_peak(product_dtype("bfloat16"))["peak_flops"], read_bandwidth())
     rounds = []
     names = list(args.flags)
     for number in range(args.rounds):
