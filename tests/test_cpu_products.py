@@ -59,7 +59,7 @@ def test_a_product_of_few_rows_stays_in_bfloat16(no_bfloat16_products):
     assert torch.equal(torch.ops.qwen_vl.float32_linear(x, weight, bias), F.linear(x, weight, bias))
 
 
-def test_matmul_and_convolution_widen_bfloat16_only_where_the_cpu_lacks_its_products(no_bfloat16_products):
+def test_matmul_and_convolution_multiply_bfloat16_operands_in_float32_and_leave_float32_alone(no_bfloat16_products):
     a, b = torch.randn(3, 40, 16).bfloat16(), torch.randn(3, 16, 40).bfloat16()
     pixels, kernel = torch.randn(1, 3, 28, 28).bfloat16(), torch.randn(8, 3, 14, 14).bfloat16()
     with ProductDtypes() as seen:
