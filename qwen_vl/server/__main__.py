@@ -11,6 +11,13 @@ import os
 import signal
 import sys
 
+# vLLM 0.32 saves its compiled model in torch's AOT format by default and, with the torch it pins
+# (2.13), never loads it back ("Compiling model again due to a load failure ...: 'function' object
+# has no attribute 'finalize_loading'"): every start compiled afresh. vLLM's previous compile cache,
+# chosen by this variable, is loaded back: a restart of the tiny checkpoint's server took 46 s
+# against 60-73 s on a 2-core CPU (docs/reference.md, "The compile cache"). A value the user set wins.
+AOT_COMPILE_ENV = "VLLM_USE_AOT_COMPILE"
+
 
 def main(argv: list[str] | None = None) -> None:
     from qwen_vl.server.settings import parse
@@ -20,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     from qwen_vl.server.cpu import apply_cpu_defaults
 
     # Before the engine starts: its processes read these variables.
+    os.environ.setdefault(AOT_COMPILE_ENV, "0")
     apply_cpu_defaults(engine_args, process.cpu_threads_bind, process.cpu_preload)
     from qwen_vl.engine.engine import Engine, configuration_error, run_headless
 
