@@ -13,14 +13,14 @@ So there, on the CPU and in bfloat16, each product is computed as a bfloat16 ker
 accumulation computes it: operands widened to float32, multiplied and summed in float32, the
 result rounded to bfloat16 once. The weights stay bfloat16 in memory (the 16-bit checkpoint needs
 its 19.3 GB as they are); a linear layer widens its weight 16 MB at a time, each slice multiplied
-while it is in cache, as slice @ x^T: MKL's float32 product of few rows is 1.3-2.5x faster that
-way round than as x @ slice^T (F.linear), e.g. 45-59 against 28-30 GFLOP/s at 16 rows. With fewer
+while it is in cache, as slice @ x^T: MKL's float32 product of 4 to 64 rows is 1.1-2.8x faster that
+way round than as x @ slice^T (F.linear), e.g. 45-59 against 27-30 GFLOP/s at 16 rows. With fewer
 than `WIDEN_FROM_ROWS` rows (a decode step of fewer than 8 sequences) widening the weight costs
 more than it saves, and torch's bfloat16 product runs. Measured on the real model's weights
 (4096 wide, 4096 to 37,984 outputs; 11,008 wide, 4096 outputs), GFLOP/s, torch's bfloat16
 against widened, 2026-12-07: 1 row 18-20 against 7-9; 4 rows 19-21 against 19-26; 8 rows 20-22
 against 24-43; 16 rows 22 against 56-69; 32 rows 22 against 77-92; 128 rows 115-139 and 1024
-rows 141-156 widened (torch's bfloat16 product stays at 22 from 5 rows up).
+rows 141-156 widened (torch's bfloat16 product stays at 18-22 however many rows).
 
 Where it applies:
 - vLLM's linear layers (the decoder's, the ViT's, the LM head) that fell back to `F.linear`:
