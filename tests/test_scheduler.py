@@ -14,6 +14,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from qwen_vl.engine.engine import engine_config
 from qwen_vl.engine.scheduler import (
     BUDGET_KEY,
+    MIN_PREFILL_SAMPLES,
     MIN_PREFILL_TOKENS,
     NEVER_SPLIT,
     BoundedPauseScheduler,
@@ -61,6 +62,19 @@ def test_work_not_seen_yet_has_no_cost_and_is_not_limited():
     fitted = costs.fit()
     assert fitted.image is None and fitted.token == pytest.approx(TRUE_COSTS.token, rel=0.05)
     assert chunk_limit(Costs(0.004, 0.002, None, None), budget=0.25, decodes=3) is None
+
+
+def test_prefill_is_trusted_after_a_few_steps_of_it():
+    # Where an image costs seconds, steps that prefill are few among the decoding ones.
+    steps = list(timed_steps(400))
+    decoding = [step for step in steps if not step[1]][:40]
+    prefill = [step for step in steps if step[1] and step[2]]
+    costs = StepCosts()
+    for step in decoding + prefill[:MIN_PREFILL_SAMPLES - 1]:
+        costs.add(*step)
+    assert costs.fit().token is None
+    costs.add(*prefill[MIN_PREFILL_SAMPLES - 1])
+    assert costs.costs.token is not None  # refitted at once, not at the next 16th step
 
 
 def test_until_text_prefill_is_seen_the_images_cost_is_folded_into_the_tokens():
@@ -168,7 +182,7 @@ def test_the_server_says_its_scheduling(tight_server):
 
 # vLLM's log line for each engine step (--enable-logging-iteration-details).
 ITERATION = re.compile(r"Iteration\(\d+\): (\d+) context requests, (\d+) context tokens, (\d+) generation requests"
-                       r".*?(?:encoder inputs: (\d+))?$", re.M)
+                       r"(?:.*?encoder inputs: (\d+))?")
 
 
 def steps_beside_decodes(log) -> list[tuple[int, int]]:
@@ -221,6 +235,7 @@ def test_a_long_prompt_beside_decoding_streams_is_prefilled_in_small_steps(tight
     # vLLM's 2048 positions a step, it takes two.
     beside = steps_beside_decodes(tight_server[1])
     assert all(tokens <= NEVER_SPLIT and images <= 1 for tokens, images in beside), beside
+    assert sum(images for _, images in beside) >= len(images)  # the log's image counts are read
     assert sum(tokens == MIN_PREFILL_TOKENS for tokens, _ in beside) >= 10
     assert sum(tokens for tokens, _ in beside) >= 2048
     assert answer["choices"][0]["message"]["content"] == offline_answer(engine, prompt_ids, images)

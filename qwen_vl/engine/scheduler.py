@@ -20,7 +20,7 @@ budget whole, such as one-image questions, are not split, so that requests arriv
 still prefill together, as vLLM has them; the long ones share the rest of the budget, each
 taking at least a block of positions so that it progresses. When nothing decodes (a prompt
 alone, or requests that arrive together after the others finished) there is no threshold, and a
-prompt alone is as fast as before. Until prefill has been seen in enough steps its cost is
+prompt alone is as fast as before. Until prefill has been seen in a few steps its cost is
 unknown and nothing is limited.
 
 The budget (`--decode-pause-budget`, vLLM's `additional_config` key `qwen_vl_decode_pause_budget`,
@@ -50,7 +50,11 @@ logger = logging.getLogger("vllm.qwen_vl.scheduler")
 BUDGET_KEY = "qwen_vl_decode_pause_budget"
 DEFAULT_BUDGET = 0.25  # seconds
 WINDOW = 128  # recent steps of each kind (decoding only, text prefill, image prefill) fitted over
-MIN_SAMPLES = 8  # steps with a kind of work before its cost is trusted
+MIN_SAMPLES = 8  # steps before a step's and a decoding sequence's costs are trusted
+# Steps with prefill (or with an image) before its cost is trusted: few where images cost seconds
+# (at 16 one-image chats on a CPU without AVX-512, 8 of them took 138 steps, 3 minutes, and
+# nothing was limited until then), and each is long beside its timing noise.
+MIN_PREFILL_SAMPLES = 3
 MIN_PREFILL_TOKENS = 128  # a prompt's chunk never goes below this (a KV-cache block here): it progresses
 # A prompt of one image and a block of text (a one-image question) is never split: its image is
 # encoded whole with its first chunk anyway, so splitting the rest would shorten no pause by much
@@ -95,7 +99,8 @@ class StepCosts:
         kind = "image" if images else "text" if tokens else "decode"
         self.kinds[kind].append((decodes, tokens, images, seconds))
         self.added += 1
-        if self.added % self.refit_every == 0 or self.costs is None:
+        # Refitted every few steps, and at once while a prompt's cost is still unknown.
+        if self.added % self.refit_every == 0 or self.costs is None or (tokens and self.costs.token is None):
             earlier, self.costs = self.costs, self.fit()
             if self.costs is not None and (earlier is None or self.added % 1024 == 0
                                            or (earlier.token is None) != (self.costs.token is None)
@@ -114,9 +119,9 @@ class StepCosts:
         decodes, tokens, images, seconds = data.T
         text_steps = ((tokens > 0) & (images == 0)).sum()
         columns = [0, 1]
-        if (tokens > 0).sum() >= MIN_SAMPLES:
+        if (tokens > 0).sum() >= MIN_PREFILL_SAMPLES:
             columns.append(2)
-        if text_steps >= MIN_SAMPLES and (images > 0).sum() >= MIN_SAMPLES:
+        if text_steps >= MIN_PREFILL_SAMPLES and (images > 0).sum() >= MIN_PREFILL_SAMPLES:
             columns.append(3)
         features = np.column_stack([np.ones(len(data)), decodes, tokens, images])[:, columns]
         fitted = dict(zip(columns, nonnegative_least_squares(features, seconds)))
